@@ -1,0 +1,56 @@
+"""Progress reporting and cancellation shared by every long core operation.
+
+A long operation takes ``progress: ProgressFn | None`` and ``cancel: CancelToken | None``.
+The CLI passes a terminal progress bar, the GUI's job runner a signal emitter; both pass a
+token whose ``cancel()`` makes the operation raise :class:`Cancelled` at its next check.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from studio.core.errors import Cancelled
+
+# progress(fraction in [0, 1], message)
+ProgressFn = Callable[[float, str], None]
+
+
+class CancelToken:
+    """Thread-safe flag checked by long operations between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` if cancellation was requested."""
+        if self._event.is_set():
+            raise Cancelled()
+
+
+def check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.check()
+
+
+def report(progress: ProgressFn | None, fraction: float, message: str = "") -> None:
+    if progress is not None:
+        progress(min(max(fraction, 0.0), 1.0), message)
+
+
+def sub_progress(progress: ProgressFn | None, start: float, end: float) -> ProgressFn | None:
+    """Map a sub-step's 0..1 progress into the slice ``start..end`` of the whole."""
+    if progress is None:
+        return None
+
+    def mapped(fraction: float, message: str) -> None:
+        progress(start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+
+    return mapped
