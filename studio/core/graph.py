@@ -1,0 +1,108 @@
+"""Dependency groups from Torch-Pruning: which layers must be pruned together.
+
+A group is rooted at a layer whose output channels can be removed; it lists every layer
+whose weights change with it (its batch norm, the next layers' inputs, the other side of a
+residual add). We wrap Torch-Pruning so that its failures become one clear message.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from studio.core.errors import StudioError
+
+ROOT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear, nn.LSTM,
+)
+
+
+@dataclass(frozen=True)
+class DependencyGroup:
+    """Layers coupled through one set of channels, rooted at ``root``."""
+
+    root: str
+    channels: int
+    members: tuple[str, ...]  # layers whose output channels are removed, root first
+    consumers: tuple[str, ...] = ()  # layers that only lose the matching input channels
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.members + self.consumers
+
+
+def output_layers(module: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
+    """Layers whose output is the model's output (their output channels are the classes)."""
+    produced: dict[int, nn.Module] = {}
+
+    def hook(mod: nn.Module, _inp: object, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = mod
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, ROOT_TYPES)]
+    try:
+        with torch.no_grad():
+            out = module(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [produced[id(o)] for o in outs if isinstance(o, torch.Tensor) and id(o) in produced]
+
+
+def build_graph(module: nn.Module, example_input: torch.Tensor):  # -> tp.DependencyGraph
+    """Trace ``module`` into Torch-Pruning's dependency graph, or raise StudioError."""
+    import torch_pruning as tp
+
+    try:
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(
+                module, example_inputs=example_input, verbose=False
+            )
+    except Exception as exc:  # Torch-Pruning raises bare exceptions of many kinds
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise StudioError(
+            f"the dependency graph could not be built: {type(exc).__name__}: {first}"[:300]
+        ) from None
+
+
+def dependency_groups(
+    module: nn.Module, example_input: torch.Tensor, ignored: list[nn.Module] | None = None
+) -> list[DependencyGroup]:
+    """All prunable groups of ``module`` (``ignored`` layers' outputs are never pruned)."""
+    graph = build_graph(module, example_input)
+    names = {m: n for n, m in module.named_modules()}
+    groups = []
+    try:
+        for group in graph.get_all_groups(ignored_layers=ignored or [], root_module_types=ROOT_TYPES):
+            members: list[str] = []
+            consumers: list[str] = []
+            for dep, _idxs in group:
+                name = names.get(dep.target.module)
+                if name is None or not _has_params(dep.target.module):
+                    continue
+                if graph.is_out_channel_pruning_fn(dep.handler):
+                    if name not in members:
+                        members.append(name)
+                elif name not in consumers:
+                    consumers.append(name)
+            consumers = [c for c in consumers if c not in members]
+            root = group[0].dep.target.module
+            pruner = graph.get_pruner_of_module(root)
+            channels = int(pruner.get_out_channels(root) or 0)
+            groups.append(
+                DependencyGroup(names.get(root, "?"), channels, tuple(members), tuple(consumers))
+            )
+    except Exception as exc:
+        raise StudioError(
+            f"the dependency groups could not be listed: {type(exc).__name__}: {exc}"[:300]
+        ) from None
+    return groups
+
+
+def _has_params(module: object) -> bool:
+    return isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False))

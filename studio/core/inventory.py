@@ -1,0 +1,211 @@
+"""Layer inventory: every layer's type, output shape, parameters, MACs, sparsity and group.
+
+MACs are counted for one input of the model's input shape: convolutions, linear layers and
+matrix products via torch's FlopCounterMode (FLOPs / 2), attributed to the innermost module
+that performed them; normalisation layers as one MAC per output element; recurrent layers
+by their gate equations. Layer MACs add up to the model's total by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from studio.core import graph
+from studio.core.errors import StudioError
+from studio.core.jobs import CancelToken, ProgressFn, check, report
+from studio.core.models import EAGER, ONNX, LoadedModel
+
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+RNN_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    params: int
+    macs: int
+    sparsity: float  # fraction of exact zeros in the layer's weights
+    prunable: bool
+    group: int | None  # index into Inventory.groups
+    reason: str  # why the layer is not prunable; "" when it is
+
+
+@dataclass(frozen=True)
+class Inventory:
+    model_name: str
+    kind: str
+    input_shape: tuple[int, ...]
+    params: int
+    macs: int
+    layers: list[LayerInfo]
+    groups: list[graph.DependencyGroup] = field(default_factory=list)
+    graph_error: str | None = None
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all parameters."""
+        zeros = sum(layer.sparsity * layer.params for layer in self.layers)
+        return zeros / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["sparsity"] = self.sparsity
+        data["groups"] = [asdict(g) for g in self.groups]
+        return data
+
+
+def build_inventory(
+    model: LoadedModel, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+) -> Inventory:
+    """Inspect ``model`` with one forward pass and Torch-Pruning's dependency graph."""
+    module = model.module
+    x = model.example_input()
+    report(progress, 0.05, "counting parameters and MACs")
+    shapes, macs = _trace(module, x)
+    check(cancel)
+    report(progress, 0.4, "building the dependency graph")
+    groups: list[graph.DependencyGroup] = []
+    graph_error: str | None = None
+    if model.kind in (EAGER, ONNX):
+        try:
+            outputs = graph.output_layers(module, x)
+            groups = graph.dependency_groups(module, x, ignored=outputs)
+        except StudioError as exc:
+            graph_error = str(exc)
+    else:
+        graph_error = model.unsupported.get("structural pruning", "not supported")
+    check(cancel)
+    report(progress, 0.9, "assembling the inventory")
+    # a layer's group is the one that removes its output channels; layers that only lose
+    # input channels (a classifier after the last conv) show the group they consume
+    group_of = {name: i for i, g in enumerate(groups) for name in g.consumers}
+    group_of.update({name: i for i, g in enumerate(groups) for name in g.members})
+    layers = []
+    for name, mod in _rows(module, macs):
+        params = sum(p.numel() for p in mod.parameters(recurse=False))
+        gid = group_of.get(name)
+        reason = "" if gid is not None else _reason(name, mod, params, graph_error)
+        layers.append(
+            LayerInfo(
+                name=name or "(model)",
+                type=type(mod).__name__,
+                output_shape=shapes.get(name),
+                params=params,
+                macs=macs.get(name, 0),
+                sparsity=_sparsity(mod),
+                prunable=gid is not None,
+                group=gid,
+                reason=reason,
+            )
+        )
+    total_params = sum(p.numel() for p in module.parameters())
+    report(progress, 1.0, "done")
+    return Inventory(
+        model.name, model.kind, tuple(model.input_shape), total_params,
+        sum(layer.macs for layer in layers), layers, groups, graph_error,
+    )
+
+
+def _rows(module: nn.Module, macs: dict[str, int]) -> list[tuple[str, nn.Module]]:
+    """Leaf modules, plus any module that holds parameters or MACs of its own."""
+    rows = []
+    for name, mod in module.named_modules():
+        leaf = next(iter(mod.children()), None) is None
+        own_params = next(iter(mod.parameters(recurse=False)), None) is not None
+        if (leaf and name) or own_params or macs.get(name, 0) > 0:
+            rows.append((name, mod))
+    return rows
+
+
+def _trace(module: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Output shape and own MACs of every module, from one forward pass."""
+    names = {m: n for n, m in module.named_modules()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    extra: dict[str, int] = {}
+
+    def hook(mod: nn.Module, inputs: tuple, out: object) -> None:
+        name = names[mod]
+        tensor = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(tensor, torch.Tensor):
+            shapes.setdefault(name, tuple(tensor.shape))
+            if isinstance(mod, NORM_TYPES):
+                extra[name] = extra.get(name, 0) + tensor.numel()
+            elif type(mod) in RNN_GATES and inputs and isinstance(inputs[0], torch.Tensor):
+                extra[name] = extra.get(name, 0) + _rnn_macs(mod, inputs[0])
+
+    handles = []
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    if not scripted:
+        handles = [m.register_forward_hook(hook) for m in module.modules()]
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            module(x)
+    except Exception as exc:
+        raise StudioError(
+            f"the model does not run on an input of shape {tuple(x.shape)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes, _own_macs(module, counter, extra)
+
+
+def _own_macs(module: nn.Module, counter: FlopCounterMode, extra: dict[str, int]) -> dict[str, int]:
+    """Per-module MACs excluding children's, from the counter's hierarchical totals."""
+    counts = counter.get_flop_counts()
+    root = type(module).__name__
+    totals: dict[str, int] = {}
+    for key, ops in counts.items():
+        if key == "Global":
+            continue
+        name = key[len(root) + 1 :] if key.startswith(root + ".") else ("" if key == root else None)
+        if name is not None:
+            totals[name] = sum(int(v) for v in ops.values()) // 2
+    if not totals:  # no module hierarchy (scripted modules): the whole graph is the model's
+        totals[""] = sum(int(v) for v in counts.get("Global", {}).values()) // 2
+    own = dict(totals)
+    for name, total in totals.items():
+        if name:
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            if parent in own:
+                own[parent] -= total
+    for name, value in extra.items():
+        own[name] = own.get(name, 0) + value
+    return {n: v for n, v in own.items() if v > 0}
+
+
+def _rnn_macs(mod: nn.Module, x: torch.Tensor) -> int:
+    gates = RNN_GATES[type(mod)]
+    steps = x.shape[1] if getattr(mod, "batch_first", False) else x.shape[0]
+    batch = x.shape[0] if getattr(mod, "batch_first", False) else (x.shape[1] if x.dim() > 2 else 1)
+    dirs = 2 if mod.bidirectional else 1
+    total, in_size = 0, mod.input_size
+    for _layer in range(mod.num_layers):
+        total += dirs * gates * mod.hidden_size * (in_size + mod.hidden_size) * steps * batch
+        in_size = mod.hidden_size * dirs
+    return total
+
+
+def _sparsity(mod: nn.Module) -> float:
+    weight = getattr(mod, "weight", None)
+    tensors = [weight] if isinstance(weight, torch.Tensor) else list(mod.parameters(recurse=False))
+    n = sum(t.numel() for t in tensors)
+    return float(sum(int((t == 0).sum()) for t in tensors)) / n if n else 0.0
+
+
+def _reason(name: str, mod: nn.Module, params: int, graph_error: str | None) -> str:
+    if params == 0:
+        return "no weights"
+    if graph_error:
+        return graph_error
+    if isinstance(mod, graph.ROOT_TYPES):
+        return "output layer: its outputs are the model's outputs"
+    return "not coupled to any prunable layer's channels"
