@@ -101,7 +101,16 @@ def dependency_groups(
         raise StudioError(
             f"the dependency groups could not be listed: {type(exc).__name__}: {exc}"[:300]
         ) from None
-    return groups
+    order = {name: i for i, name in enumerate(names.values())}
+    groups.sort(key=lambda g: order.get(g.root, len(order)))
+    return [
+        DependencyGroup(
+            g.root, g.channels,
+            (g.root, *sorted((m for m in g.members if m != g.root), key=order.__getitem__)),
+            tuple(sorted(g.consumers, key=order.__getitem__)),
+        )
+        for g in groups
+    ]
 
 
 def _has_params(module: object) -> bool:

@@ -1,0 +1,168 @@
+"""Headless command line: ``studio info | eval | gui``. Uses studio.core only (gui is lazy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from studio.core.errors import StudioError
+
+
+class TerminalProgress:
+    """A one-line progress bar with ETA on stderr; silent when stderr is not a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.start = time.monotonic()
+        self.enabled = sys.stderr.isatty()
+        self._last = -1.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if not self.enabled or (fraction - self._last < 0.01 and fraction < 1.0):
+            return
+        self._last = fraction
+        elapsed = time.monotonic() - self.start
+        eta = f" ETA {elapsed / fraction - elapsed:4.0f}s" if 0.02 < fraction < 1.0 else ""
+        bar = "#" * int(fraction * 30)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {fraction:4.0%}{eta} {message[:30]:<30}")
+        if fraction >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, metavar="SPEC",
+                   help="'demo', 'zoo:NAME' or a model file (.pt .pth .pt2 .onnx)")
+    p.add_argument("--arch", metavar="NAME", help="architecture of a state_dict file")
+    p.add_argument("--input-shape", metavar="S", help="input shape, e.g. 1,3,32,32")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickled model file to run code while loading (trusted files only)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, metavar="SPEC",
+                   help="'demo', an image folder (one subfolder per class) or an .npz (x, y)")
+    p.add_argument("--image-size", metavar="HxW", help="resize images of a folder, e.g. 32x32")
+    p.add_argument("--unlabeled", action="store_true", help="ignore labels (fidelity only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="Pruning Studio (headless)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help="layer inventory: shapes, parameters, MACs, groups")
+    _add_model_args(info)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    ev = sub.add_parser("eval", help="accuracy and loss, or fidelity to a reference model")
+    _add_model_args(ev)
+    _add_data_args(ev)
+    ev.add_argument("--reference", metavar="SPEC", help="reference model for fidelity")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    gui = sub.add_parser("gui", help="open the studio window")
+    _add_model_args(gui, required=False)
+    _add_data_args(gui, required=False)
+    gui.add_argument("--screenshot", metavar="FILE.png",
+                     help="load, render the window to FILE.png and exit")
+    return parser
+
+
+def _load(args: argparse.Namespace, spec: str | None = None):
+    from studio.core.models import load_model, parse_shape
+
+    progress = TerminalProgress("loading")
+    progress(0.0, spec or args.model)
+    model = load_model(
+        spec or args.model, arch=args.arch, input_shape=parse_shape(args.input_shape),
+        trust_pickle=args.trust_pickle,
+    )
+    progress(1.0, "")
+    for note in model.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return model
+
+
+def _load_data(args: argparse.Namespace):
+    from studio.core.data import load_data
+    from studio.core.models import parse_shape
+
+    size = parse_shape(args.image_size) if args.image_size else None
+    if size is not None and len(size) != 2:
+        raise StudioError(f"--image-size takes HxW, got {args.image_size}")
+    return load_data(args.data, image_size=size, unlabeled=args.unlabeled)  # type: ignore[arg-type]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from studio.core.inventory import build_inventory
+
+    model = _load(args)
+    inventory = build_inventory(model, progress=TerminalProgress("inspecting"))
+    if args.json:
+        print(json.dumps(inventory.to_dict()))
+        return 0
+    print(f"{inventory.model_name}  [{model.kind}]  input {inventory.input_shape}")
+    print(f"{'layer':<32} {'type':<18} {'output':<18} {'params':>10} {'MACs':>12} "
+          f"{'sparsity':>8}  group / reason")
+    for layer in inventory.layers:
+        shape = "x".join(str(d) for d in layer.output_shape) if layer.output_shape else "?"
+        where = f"G{layer.group}" if layer.group is not None else layer.reason
+        print(f"{layer.name:<32} {layer.type:<18} {shape:<18} {layer.params:>10,} "
+              f"{layer.macs:>12,} {layer.sparsity:>8.1%}  {where}")
+    print(f"total: {inventory.params:,} parameters, {inventory.macs:,} MACs, "
+          f"{len(inventory.groups)} dependency groups, sparsity {inventory.sparsity:.1%}")
+    if inventory.graph_error:
+        print(f"structural pruning unavailable: {inventory.graph_error}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from studio.core.evaluate import evaluate
+
+    model = _load(args)
+    data = _load_data(args)
+    reference = _load(args, args.reference).module if args.reference else None
+    result = evaluate(model.module, data, reference=reference, batch_size=args.batch_size,
+                      progress=TerminalProgress("evaluating"))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(f"{model.name} on {data.name} ({result.samples} samples)")
+    for key, value in result.to_dict().items():
+        if value is not None and key != "samples":
+            print(f"  {key:<9} {value:.4f}")
+    return 0
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    from studio.ui.app import run_gui
+
+    return run_gui(args.model, args.data, screenshot=args.screenshot)
+
+
+COMMANDS = {"info": cmd_info, "eval": cmd_eval, "gui": cmd_gui}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except StudioError as exc:
+        print(f"studio: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("studio: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last resort: one line, the traceback only on request
+        if os.environ.get("STUDIO_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"studio: unexpected error: {type(exc).__name__}: {first} "
+              "(set STUDIO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
