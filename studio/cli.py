@@ -35,17 +35,28 @@ class TerminalProgress:
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, metavar="SPEC",
-                   help="'demo', 'zoo:NAME' or a model file (.pt .pth .pt2 .onnx)")
+    p.add_argument(
+        "--model",
+        required=required,
+        metavar="SPEC",
+        help="'demo', 'zoo:NAME' or a model file (.pt .pth .pt2 .onnx)",
+    )
     p.add_argument("--arch", metavar="NAME", help="architecture of a state_dict file")
     p.add_argument("--input-shape", metavar="S", help="input shape, e.g. 1,3,32,32")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pickled model file to run code while loading (trusted files only)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickled model file to run code while loading (trusted files only)",
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, metavar="SPEC",
-                   help="'demo', an image folder (one subfolder per class) or an .npz (x, y)")
+    p.add_argument(
+        "--data",
+        required=required,
+        metavar="SPEC",
+        help="'demo', an image folder (one subfolder per class) or an .npz (x, y)",
+    )
     p.add_argument("--image-size", metavar="HxW", help="resize images of a folder, e.g. 32x32")
     p.add_argument("--unlabeled", action="store_true", help="ignore labels (fidelity only)")
 
@@ -65,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     gui = sub.add_parser("gui", help="open the studio window")
     _add_model_args(gui, required=False)
     _add_data_args(gui, required=False)
-    gui.add_argument("--screenshot", metavar="FILE.png",
-                     help="load, render the window to FILE.png and exit")
+    gui.add_argument(
+        "--screenshot", metavar="FILE.png", help="load, render the window to FILE.png and exit"
+    )
     return parser
 
 
@@ -76,7 +88,9 @@ def _load(args: argparse.Namespace, spec: str | None = None):
     progress = TerminalProgress("loading")
     progress(0.0, spec or args.model)
     model = load_model(
-        spec or args.model, arch=args.arch, input_shape=parse_shape(args.input_shape),
+        spec or args.model,
+        arch=args.arch,
+        input_shape=parse_shape(args.input_shape),
         trust_pickle=args.trust_pickle,
     )
     progress(1.0, "")
@@ -104,15 +118,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(inventory.to_dict()))
         return 0
     print(f"{inventory.model_name}  [{model.kind}]  input {inventory.input_shape}")
-    print(f"{'layer':<32} {'type':<18} {'output':<18} {'params':>10} {'MACs':>12} "
-          f"{'sparsity':>8}  group / reason")
+    print(
+        f"{'layer':<32} {'type':<18} {'output':<18} {'params':>10} {'MACs':>12} "
+        f"{'sparsity':>8}  group / reason"
+    )
     for layer in inventory.layers:
         shape = "x".join(str(d) for d in layer.output_shape) if layer.output_shape else "?"
         where = f"G{layer.group}" if layer.group is not None else layer.reason
-        print(f"{layer.name:<32} {layer.type:<18} {shape:<18} {layer.params:>10,} "
-              f"{layer.macs:>12,} {layer.sparsity:>8.1%}  {where}")
-    print(f"total: {inventory.params:,} parameters, {inventory.macs:,} MACs, "
-          f"{len(inventory.groups)} dependency groups, sparsity {inventory.sparsity:.1%}")
+        print(
+            f"{layer.name:<32} {layer.type:<18} {shape:<18} {layer.params:>10,} "
+            f"{layer.macs:>12,} {layer.sparsity:>8.1%}  {where}"
+        )
+    print(
+        f"total: {inventory.params:,} parameters, {inventory.macs:,} MACs, "
+        f"{len(inventory.groups)} dependency groups, sparsity {inventory.sparsity:.1%}"
+    )
     if inventory.graph_error:
         print(f"structural pruning unavailable: {inventory.graph_error}")
     return 0
@@ -124,8 +144,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _load(args)
     data = _load_data(args)
     reference = _load(args, args.reference).module if args.reference else None
-    result = evaluate(model.module, data, reference=reference, batch_size=args.batch_size,
-                      progress=TerminalProgress("evaluating"))
+    result = evaluate(
+        model.module,
+        data,
+        reference=reference,
+        batch_size=args.batch_size,
+        progress=TerminalProgress("evaluating"),
+    )
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -163,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("STUDIO_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"studio: unexpected error: {type(exc).__name__}: {first} "
-              "(set STUDIO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"studio: unexpected error: {type(exc).__name__}: {first} "
+            "(set STUDIO_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -25,8 +25,11 @@ def test_info_json_lists_every_layer_and_adds_up(capsys) -> None:
     info = json.loads(out)
     assert info["input_shape"] == [1, 1, 32, 32]
     model = zoo.build("resnet20")
-    expected = {n for n, m in model.named_modules()
-                if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear))}
+    expected = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear))
+    }
     layers = {layer["name"]: layer for layer in info["layers"]}
     assert expected <= set(layers)
     for layer in layers.values():
@@ -55,13 +58,31 @@ def test_eval_demo_reaches_97_percent(capsys) -> None:
 def test_eval_fidelity_on_unlabeled_data(capsys, tmp_path) -> None:
     x = np.random.default_rng(1).normal(size=(40, 1, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
-    code, out, _ = run(capsys, "eval", "--model", "demo", "--data", str(tmp_path / "calib.npz"),
-                       "--reference", "demo", "--json")
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--model",
+        "demo",
+        "--data",
+        str(tmp_path / "calib.npz"),
+        "--reference",
+        "demo",
+        "--json",
+    )
     result = json.loads(out)
     assert code == 0 and result["agreement"] == 1.0 and result["kl"] < 1e-6
     assert result["accuracy"] is None
-    code, out, _ = run(capsys, "eval", "--model", "zoo:resnet20", "--data",
-                       str(tmp_path / "calib.npz"), "--reference", "demo", "--json")
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--model",
+        "zoo:resnet20",
+        "--data",
+        str(tmp_path / "calib.npz"),
+        "--reference",
+        "demo",
+        "--json",
+    )
     assert json.loads(out)["agreement"] < 0.9
 
 
@@ -99,7 +120,8 @@ def test_state_dict_with_arch(capsys, tmp_path) -> None:
     assert code != 0 and "--arch" in err
     code, out, _ = run(capsys, "info", "--model", str(path), "--arch", "vgg11", "--json")
     assert code == 0 and json.loads(out)["params"] == sum(
-        p.numel() for p in zoo.build("vgg11").parameters())
+        p.numel() for p in zoo.build("vgg11").parameters()
+    )
 
 
 @pytest.mark.parametrize(
@@ -119,7 +141,10 @@ def test_bad_arguments_are_one_line(capsys, argv, needle) -> None:
 def test_entry_point_subprocess_exit_codes(tmp_path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_text("not onnx")
-    done = subprocess.run([sys.executable, "-m", "studio", "info", "--model", str(bad)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "studio", "info", "--model", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0

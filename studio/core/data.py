@@ -72,7 +72,9 @@ def demo_splits() -> tuple[DataSet, DataSet]:
 
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
-    images = F.interpolate(images, size=(DEMO_SIZE, DEMO_SIZE), mode="bilinear", align_corners=False)
+    images = F.interpolate(
+        images, size=(DEMO_SIZE, DEMO_SIZE), mode="bilinear", align_corners=False
+    )
     images = ((images - DEMO_MEAN) / DEMO_STD).contiguous()
     labels = torch.from_numpy(digits.target.astype(np.int64))
     idx = np.arange(len(labels))
@@ -112,7 +114,8 @@ def load_data(
             data = _load_npz(path)
         else:
             raise StudioError(
-                f"unsupported data file {path.name}: use an image folder or an .npz with 'x' and 'y'"
+                f"unsupported data file {path.name}: "
+                "use an image folder or an .npz with 'x' and 'y'"
             )
     if unlabeled and data.y is not None:
         data = DataSet(data.x, None, data.name + " (unlabeled)", data.classes)
@@ -132,7 +135,9 @@ def _load_npz(path: Path) -> DataSet:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StudioError(f"cannot read {path.name} as an .npz archive: {exc}") from None
     if x.dtype.kind not in "fiub" or x.ndim < 2:
-        raise StudioError(f"{path.name}: 'x' must be a numeric array of shape (N, ...), got {x.shape}")
+        raise StudioError(
+            f"{path.name}: 'x' must be a numeric array of shape (N, ...), got {x.shape}"
+        )
     if y is not None:
         if y.ndim != 1 or y.dtype.kind not in "iub":
             raise StudioError(f"{path.name}: 'y' must be a 1-D integer array of labels")

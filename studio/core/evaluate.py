@@ -112,7 +112,10 @@ def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Top-1 agreement, mean KL(reference || model) and mean cosine similarity of outputs."""
     agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
     kl = F.kl_div(
-        F.log_softmax(logits, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean"
+        F.log_softmax(logits, 1),
+        F.log_softmax(reference, 1),
+        log_target=True,
+        reduction="batchmean",
     )
     cosine = F.cosine_similarity(logits, reference, dim=1).mean()
     return {"agreement": agreement, "kl": float(kl), "cosine": float(cosine)}

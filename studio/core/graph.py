@@ -16,7 +16,12 @@ import torch.nn as nn
 from studio.core.errors import StudioError
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear, nn.LSTM,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose2d,
+    nn.Linear,
+    nn.LSTM,
 )
 
 
@@ -78,7 +83,9 @@ def dependency_groups(
     names = {m: n for n, m in module.named_modules()}
     groups = []
     try:
-        for group in graph.get_all_groups(ignored_layers=ignored or [], root_module_types=ROOT_TYPES):
+        for group in graph.get_all_groups(
+            ignored_layers=ignored or [], root_module_types=ROOT_TYPES
+        ):
             members: list[str] = []
             consumers: list[str] = []
             for dep, _idxs in group:
@@ -105,7 +112,8 @@ def dependency_groups(
     groups.sort(key=lambda g: order.get(g.root, len(order)))
     return [
         DependencyGroup(
-            g.root, g.channels,
+            g.root,
+            g.channels,
             (g.root, *sorted((m for m in g.members if m != g.root), key=order.__getitem__)),
             tuple(sorted(g.consumers, key=order.__getitem__)),
         )

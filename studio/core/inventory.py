@@ -107,8 +107,14 @@ def build_inventory(
     total_params = sum(p.numel() for p in module.parameters())
     report(progress, 1.0, "done")
     return Inventory(
-        model.name, model.kind, tuple(model.input_shape), total_params,
-        sum(layer.macs for layer in layers), layers, groups, graph_error,
+        model.name,
+        model.kind,
+        tuple(model.input_shape),
+        total_params,
+        sum(layer.macs for layer in layers),
+        layers,
+        groups,
+        graph_error,
     )
 
 

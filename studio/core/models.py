@@ -77,7 +77,9 @@ class LoadedModel:
         for key, tensor in self.module.state_dict().items():
             h.update(key.encode())
             h.update(str(tuple(tensor.shape)).encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            h.update(
+                tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            )
         return h.hexdigest()[:16]
 
 
@@ -113,7 +115,10 @@ def load_model(
     from studio.core import loaders
 
     return loaders.load_file(
-        Path(spec), arch=arch, input_shape=input_shape, trust_pickle=trust_pickle,
+        Path(spec),
+        arch=arch,
+        input_shape=input_shape,
+        trust_pickle=trust_pickle,
         num_classes=num_classes,
     )
 
@@ -127,6 +132,11 @@ def load_demo() -> LoadedModel:
     state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
     module.load_state_dict(state)
     return LoadedModel(
-        module.eval(), "demo ResNet-20 (digits)", "demo", EAGER, shape, arch="resnet20",
+        module.eval(),
+        "demo ResNet-20 (digits)",
+        "demo",
+        EAGER,
+        shape,
+        arch="resnet20",
         path=DEMO_WEIGHTS,
     )

@@ -22,8 +22,15 @@ class Block(nn.Module):
 
 def _tiny() -> LoadedModel:
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), Block(8), Block(8),
-        nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        Block(8),
+        Block(8),
+        nn.Conv2d(8, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
     )
     return LoadedModel(net.eval(), "tiny", "tiny", EAGER, (1, 3, 10, 12))
 
@@ -91,7 +98,9 @@ def test_every_architecture_gets_a_consistent_inventory(name: str) -> None:
     assert inv.params == sum(layer.params for layer in inv.layers)
     assert inv.macs == sum(layer.macs for layer in inv.layers) > 0
     weighted = [m for m in model.module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len([layer for layer in inv.layers if layer.type in ("Conv2d", "Linear")]) == len(weighted)
+    assert len([layer for layer in inv.layers if layer.type in ("Conv2d", "Linear")]) == len(
+        weighted
+    )
     for layer in inv.layers:
         assert layer.prunable == (layer.group is not None)
         assert layer.prunable or layer.reason

@@ -27,7 +27,10 @@ def test_core_modules_import_without_qt() -> None:
 
 
 def test_cli_info_runs_without_qt() -> None:
-    code = BLOCKER + "from studio.cli import main\nraise SystemExit(main(['info', '--model', 'zoo:resnet20']))"
+    code = (
+        BLOCKER
+        + "from studio.cli import main\nraise SystemExit(main(['info', '--model', 'zoo:resnet20']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "total:" in done.stdout
