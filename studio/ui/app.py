@@ -1,0 +1,113 @@
+"""Starting the GUI: the QApplication, the main window, and the screenshot mode."""
+
+from __future__ import annotations
+
+import sys
+
+from PySide6.QtCore import QPointF, QRectF, Qt, QTimer
+from PySide6.QtGui import QBrush, QColor, QIcon, QPainter, QPen, QPixmap
+from PySide6.QtWidgets import QApplication
+
+from studio.ui.compat import binding_problem
+from studio.ui.main_window import MainWindow
+from studio.ui.session import WARNING
+from studio.ui.settings import APPLICATION, ORGANIZATION
+
+SCREENSHOT_TIMEOUT_S = 600
+
+
+def app_icon() -> QIcon:
+    """A small drawn icon: a network whose last links are pruned away."""
+    icon = QIcon()
+    for size in (16, 32, 64, 128):
+        pixmap = QPixmap(size, size)
+        pixmap.fill(Qt.GlobalColor.transparent)
+        p = QPainter(pixmap)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        s = size / 64
+        p.setBrush(QBrush(QColor("#1f6feb")))
+        p.setPen(Qt.PenStyle.NoPen)
+        p.drawRoundedRect(QRectF(2 * s, 2 * s, 60 * s, 60 * s), 12 * s, 12 * s)
+        left = [QPointF(18 * s, y * s) for y in (18, 32, 46)]
+        right = [QPointF(46 * s, y * s) for y in (22, 42)]
+        p.setPen(QPen(QColor("#dbe9ff"), max(1.0, 3 * s)))
+        for i, a in enumerate(left):
+            for j, b in enumerate(right):
+                if (i + j) % 2 == 0:
+                    p.drawLine(a, b)
+        p.setPen(Qt.PenStyle.NoPen)
+        p.setBrush(QBrush(QColor("white")))
+        for point in left + right:
+            p.drawEllipse(point, 5 * s, 5 * s)
+        p.end()
+        icon.addPixmap(pixmap)
+    return icon
+
+
+def application() -> QApplication:
+    """The running QApplication, created (with name and icon) if there is none yet."""
+    app = QApplication.instance()
+    if not isinstance(app, QApplication):
+        app = QApplication(sys.argv[:1])
+    app.setApplicationName(APPLICATION)
+    app.setOrganizationName(ORGANIZATION)
+    app.setApplicationDisplayName(APPLICATION)
+    app.setWindowIcon(app_icon())
+    return app
+
+
+def run_gui(
+    model_spec: str | None = None, data_spec: str | None = None, screenshot: str | None = None
+) -> int:
+    """Open the studio, optionally with a model and data; return the exit status.
+
+    With ``screenshot``, no dialogs are shown: once every job has ended the window is saved
+    to that PNG file and the function returns 0, or 1 with a one-line message on stderr if
+    loading failed.
+    """
+    app = application()
+    window = MainWindow(interactive=screenshot is None)
+    problem = binding_problem()
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
+        window.session.log(problem, WARNING)
+    window.show()
+    if model_spec:
+        window.open_model(model_spec)
+    if data_spec:
+        window.open_data(data_spec)
+    if screenshot is None:
+        return app.exec()
+
+    outcome: list[int] = []
+
+    def finish() -> None:
+        if outcome or window.runner.is_busy():
+            return
+        app.processEvents()  # let the panels repaint with the final state
+        if window.errors:
+            print(f"error: {window.errors[0]}", file=sys.stderr)
+            outcome.append(1)
+        elif model_spec and window.session.inventory is None:
+            print("error: the model's layers could not be listed", file=sys.stderr)
+            outcome.append(1)
+        elif not window.grab().save(screenshot):
+            print(f"error: could not write the screenshot to {screenshot}", file=sys.stderr)
+            outcome.append(1)
+        else:
+            outcome.append(0)
+        window.close()
+        app.quit()
+
+    def give_up() -> None:
+        if not outcome:
+            print(f"error: still busy after {SCREENSHOT_TIMEOUT_S} s", file=sys.stderr)
+            outcome.append(1)
+            window.close()
+            app.quit()
+
+    window.runner.idle.connect(lambda: QTimer.singleShot(100, finish))
+    QTimer.singleShot(300, finish)  # nothing to wait for
+    QTimer.singleShot(SCREENSHOT_TIMEOUT_S * 1000, give_up)
+    app.exec()
+    return outcome[0] if outcome else 1

@@ -1,0 +1,215 @@
+"""The job runner: the only place in the studio where background threads start.
+
+A job is a plain core call ``fn(progress, cancel)`` run on a ``QThreadPool`` thread. The worker
+never touches a widget: it emits the runner's private signals, which Qt queues to the GUI thread
+(the runner lives there); the runner updates the :class:`Job` and re-emits its public signals,
+so every slot connected to the runner runs on the GUI thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import shiboken6
+from PySide6.QtCore import QObject, QThreadPool, Signal, Slot
+
+from studio.core.errors import Cancelled, StudioError
+from studio.core.jobs import CancelToken, ProgressFn
+
+log = logging.getLogger("studio.ui")
+
+# Progress is forwarded to the GUI only when it moves this much or this long has passed.
+MIN_STEP = 0.01
+MIN_INTERVAL_S = 0.2
+# No ETA before this fraction or this much elapsed time: early estimates are noise.
+ETA_MIN_FRACTION = 0.01
+ETA_MIN_ELAPSED_S = 0.3
+
+RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
+
+_counter = itertools.count(1)
+_runners: weakref.WeakSet[JobRunner] = weakref.WeakSet()
+
+
+@dataclass(eq=False)
+class Job:
+    """One unit of background work and what became of it (updated on the GUI thread)."""
+
+    name: str
+    token: CancelToken = field(default_factory=CancelToken)
+    id: int = field(default_factory=lambda: next(_counter))
+    state: str = RUNNING
+    fraction: float = 0.0
+    message: str = ""
+    eta: float | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    result: Any = None
+    error: BaseException | None = None  # the exception a failed job raised
+    error_message: str = ""
+    traceback: str = ""  # only for unexpected errors; written to the log, never to a dialog
+
+    @property
+    def done(self) -> bool:
+        return self.state != RUNNING
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+
+def estimate_eta(elapsed: float, fraction: float) -> float | None:
+    """Seconds left, extrapolating the rate so far; ``None`` while too early to tell."""
+    if fraction < ETA_MIN_FRACTION or elapsed < ETA_MIN_ELAPSED_S:
+        return None
+    if fraction >= 1.0:
+        return 0.0
+    return elapsed * (1.0 - fraction) / fraction
+
+
+def error_message(exc: BaseException) -> str:
+    """The one-line message shown to the user for an exception raised by a job."""
+    if isinstance(exc, StudioError):
+        text = str(exc).strip() or type(exc).__name__
+        return text.splitlines()[0]
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"Unexpected error: {type(exc).__name__}: {first}"[:400].rstrip(": ")
+
+
+def running_job_count() -> int:
+    """Jobs still executing on any runner's threads (used by tests to catch dangling work)."""
+    return sum(r.thread_count() for r in list(_runners) if shiboken6.isValid(r))
+
+
+class JobRunner(QObject):
+    """Starts jobs on a private thread pool and reports on them through GUI-thread signals."""
+
+    started = Signal(object)  # job
+    progress = Signal(object, float, str, object)  # job, fraction, message, eta seconds | None
+    finished = Signal(object, object)  # job, result
+    failed = Signal(object, str)  # job, one-line message
+    cancelled = Signal(object)  # job
+    idle = Signal()  # the last running job ended (after its finished/failed/cancelled slots ran)
+
+    # emitted from worker threads; queued to the GUI thread because the runner lives there
+    _worker_progress = Signal(object, float, str, object)
+    _worker_done = Signal(object, str, object, object, str)  # job, state, result, error, traceback
+
+    def __init__(self, parent: QObject | None = None, max_threads: int = 4) -> None:
+        super().__init__(parent)
+        self._pool = QThreadPool(self)
+        self._pool.setMaxThreadCount(max_threads)
+        self._jobs: list[Job] = []
+        self._closed = False
+        self._worker_progress.connect(self._on_worker_progress)
+        self._worker_done.connect(self._on_worker_done)
+        _runners.add(self)
+
+    @property
+    def jobs(self) -> list[Job]:
+        """Jobs that have not ended yet, oldest first."""
+        return list(self._jobs)
+
+    def is_busy(self) -> bool:
+        return bool(self._jobs)
+
+    def thread_count(self) -> int:
+        return self._pool.activeThreadCount()
+
+    def start(self, name: str, fn: Callable[[ProgressFn, CancelToken], Any]) -> Job:
+        """Run ``fn(progress, cancel)`` in the background and return its :class:`Job`."""
+        if self._closed:
+            raise RuntimeError("the job runner has been shut down")
+        job = Job(name)
+        self._jobs.append(job)
+        self._pool.start(lambda: self._execute(job, fn))
+        self.started.emit(job)
+        return job
+
+    def cancel_all(self) -> None:
+        for job in self._jobs:
+            job.cancel()
+
+    def wait_all(self, timeout: float = 30.0) -> bool:
+        """Block until every worker thread has returned; ``False`` if ``timeout`` s passed."""
+        return self._pool.waitForDone(int(timeout * 1000))
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Cancel everything, wait for the threads, and drop results that arrive later."""
+        self._closed = True
+        self.cancel_all()
+        return self.wait_all(timeout)
+
+    # --- worker thread -------------------------------------------------------------------
+
+    def _execute(self, job: Job, fn: Callable[[ProgressFn, CancelToken], Any]) -> None:
+        last = [-1.0, 0.0]  # fraction and time of the last forwarded report
+
+        def progress(fraction: float, message: str = "") -> None:
+            now = time.monotonic()
+            fraction = min(max(float(fraction), 0.0), 1.0)
+            if (
+                abs(fraction - last[0]) < MIN_STEP
+                and now - last[1] < MIN_INTERVAL_S
+                and fraction < 1.0
+            ):
+                return
+            last[0], last[1] = fraction, now
+            eta = estimate_eta(now - job.started_at, fraction)
+            self._worker_progress.emit(job, fraction, str(message), eta)
+
+        try:
+            job.token.check()
+            result = fn(progress, job.token)
+        except Cancelled as exc:
+            self._worker_done.emit(job, CANCELLED, None, exc, "")
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the GUI
+            if job.token.cancelled:
+                self._worker_done.emit(job, CANCELLED, None, exc, "")
+            else:
+                trace = "" if isinstance(exc, StudioError) else traceback.format_exc()
+                self._worker_done.emit(job, FAILED, None, exc, trace)
+        else:
+            # the user asked to stop: a result that arrives anyway is discarded
+            state = CANCELLED if job.token.cancelled else FINISHED
+            self._worker_done.emit(job, state, result, None, "")
+
+    # --- GUI thread ----------------------------------------------------------------------
+
+    @Slot(object, float, str, object)
+    def _on_worker_progress(self, job: Job, fraction: float, message: str, eta: object) -> None:
+        if job.done or self._closed:
+            return
+        job.fraction, job.message, job.eta = fraction, message, eta  # type: ignore[assignment]
+        self.progress.emit(job, fraction, message, eta)
+
+    @Slot(object, str, object, object, str)
+    def _on_worker_done(
+        self, job: Job, state: str, result: object, error: object, trace: str
+    ) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
+        job.state = state
+        elapsed = time.monotonic() - job.started_at
+        if self._closed:
+            return
+        if state == FINISHED:
+            job.result, job.fraction = result, 1.0
+            log.info("job %s finished in %.2f s", job.name, elapsed)
+            self.finished.emit(job, result)
+        elif state == CANCELLED:
+            log.info("job %s cancelled after %.2f s", job.name, elapsed)
+            self.cancelled.emit(job)
+        else:
+            assert isinstance(error, BaseException)
+            job.error, job.error_message, job.traceback = error, error_message(error), trace
+            if trace:
+                log.error("job %s failed:\n%s", job.name, trace)
+            self.failed.emit(job, job.error_message)
+        if not self._jobs:
+            self.idle.emit()

@@ -1,0 +1,87 @@
+"""The state of one studio session, with a Qt signal for every change.
+
+Panels receive the session in their constructor and listen; they never own the state.
+The session holds plain core values (``LoadedModel``, ``DataSet``, ``Inventory``,
+``EvalResult``) and is only changed on the GUI thread.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from PySide6.QtCore import QObject, Signal
+
+if TYPE_CHECKING:
+    import torch
+
+    from studio.core.data import DataSet
+    from studio.core.evaluate import EvalResult
+    from studio.core.inventory import Inventory
+    from studio.core.models import LoadedModel
+
+INFO, WARNING, ERROR, DETAIL = "info", "warning", "error", "detail"
+
+
+class Session(QObject):
+    """Current model, data, inventory and evaluation; emits ``*_changed`` on every change."""
+
+    model_changed = Signal(object)  # LoadedModel | None
+    data_changed = Signal(object)  # DataSet | None
+    inventory_changed = Signal(object)  # Inventory | None
+    evaluation_changed = Signal(object)  # EvalResult | None
+    logged = Signal(float, str, str)  # timestamp, level, text
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._model: LoadedModel | None = None
+        self._reference: torch.nn.Module | None = None
+        self._data: DataSet | None = None
+        self._inventory: Inventory | None = None
+        self._evaluation: EvalResult | None = None
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        """The model as first loaded: what fidelity is measured against on unlabeled data."""
+        return self._reference
+
+    @property
+    def data(self) -> DataSet | None:
+        return self._data
+
+    @property
+    def inventory(self) -> Inventory | None:
+        return self._inventory
+
+    @property
+    def evaluation(self) -> EvalResult | None:
+        return self._evaluation
+
+    def set_model(self, model: LoadedModel | None) -> None:
+        """A newly loaded model: its inventory and evaluation are cleared until recomputed."""
+        self._model = model
+        self._reference = model.module if model is not None else None
+        self.set_inventory(None)
+        self.set_evaluation(None)
+        self.model_changed.emit(model)
+
+    def set_data(self, data: DataSet | None) -> None:
+        self._data = data
+        self.set_evaluation(None)
+        self.data_changed.emit(data)
+
+    def set_inventory(self, inventory: Inventory | None) -> None:
+        self._inventory = inventory
+        self.inventory_changed.emit(inventory)
+
+    def set_evaluation(self, evaluation: EvalResult | None) -> None:
+        self._evaluation = evaluation
+        self.evaluation_changed.emit(evaluation)
+
+    def log(self, text: str, level: str = INFO) -> None:
+        """Add a line to the session log (shown by the log panel, timestamped)."""
+        self.logged.emit(time.time(), level, text)

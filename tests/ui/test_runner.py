@@ -1,0 +1,122 @@
+"""The job runner: signals arrive on the GUI thread, errors become messages, cancel works."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from studio.core.errors import StudioError
+from studio.ui.runner import CANCELLED, FAILED, FINISHED, JobRunner, error_message, estimate_eta
+
+
+@pytest.fixture
+def runner(qtbot):  # type: ignore[no-untyped-def]
+    r = JobRunner()
+    yield r
+    r.shutdown(timeout=10)
+
+
+def test_progress_and_result_arrive_on_gui_thread(qtbot, runner: JobRunner) -> None:
+    seen: list[tuple[float, str, bool]] = []
+    gui = threading.current_thread()
+    runner.progress.connect(
+        lambda job, f, msg, eta: seen.append((f, msg, threading.current_thread() is gui))
+    )
+    worker_threads = []
+
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        worker_threads.append(threading.current_thread())
+        progress(0.5, "half way")
+        return 42
+
+    with qtbot.waitSignal(runner.finished, timeout=5000) as blocker:
+        job = runner.start("answer", work)
+    assert blocker.args == [job, 42]
+    assert job.state == FINISHED and job.result == 42
+    assert worker_threads[0] is not gui
+    assert seen and seen[0][:2] == (0.5, "half way") and all(on_gui for *_, on_gui in seen)
+    assert not runner.is_busy()
+
+
+def test_studio_error_becomes_its_one_line_message(qtbot, runner: JobRunner) -> None:
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        raise StudioError("the file is not a model")
+
+    with qtbot.waitSignal(runner.failed, timeout=5000) as blocker:
+        job = runner.start("bad", work)
+    assert blocker.args == [job, "the file is not a model"]
+    assert job.state == FAILED and job.traceback == ""
+
+
+def test_unexpected_error_keeps_traceback_for_the_log_only(qtbot, runner: JobRunner) -> None:
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        raise ValueError("boom\nsecond line")
+
+    with qtbot.waitSignal(runner.failed, timeout=5000) as blocker:
+        job = runner.start("bad", work)
+    assert blocker.args[1] == "Unexpected error: ValueError: boom"
+    assert "Traceback" in job.traceback and "second line" in job.traceback
+    assert isinstance(job.error, ValueError)
+
+
+def test_cancel_stops_a_looping_job_within_a_second(qtbot, runner: JobRunner) -> None:
+    running = threading.Event()
+
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        while True:
+            running.set()
+            cancel.check()
+            time.sleep(0.01)
+
+    job = runner.start("forever", work)
+    assert running.wait(5)
+    start = time.monotonic()
+    with qtbot.waitSignal(runner.cancelled, timeout=1000) as blocker:
+        job.cancel()
+    assert blocker.args == [job]
+    assert time.monotonic() - start < 1.0 and job.state == CANCELLED
+    assert runner.wait_all(2)
+
+
+def test_eta_is_reported_and_progress_is_rate_limited(qtbot, runner: JobRunner) -> None:
+    events: list[tuple[float, object]] = []
+    runner.progress.connect(lambda job, f, msg, eta: events.append((f, eta)))
+
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        for i in range(1, 11):
+            time.sleep(0.06)
+            for k in range(1000):  # many tiny steps: most must be dropped
+                progress((i - 1 + k / 1000) / 10, f"step {i}")
+        return None
+
+    with qtbot.waitSignal(runner.finished, timeout=10_000):
+        runner.start("steps", work)
+    etas = [eta for _, eta in events if eta is not None]
+    assert etas and all(eta >= 0 for eta in etas)
+    assert len(events) <= 150  # 10,000 calls -> about one per percent
+    assert events[-1][0] == pytest.approx(0.9999, abs=0.01)
+
+
+def test_cancel_all_and_wait_all(qtbot, runner: JobRunner) -> None:
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        while True:
+            cancel.check()
+            time.sleep(0.01)
+
+    jobs = [runner.start(f"job {i}", work) for i in range(3)]
+    with qtbot.waitSignal(runner.idle, timeout=5000):
+        runner.cancel_all()
+    assert runner.wait_all(2)
+    assert [j.state for j in jobs] == [CANCELLED] * 3
+
+
+def test_estimate_eta_and_error_message() -> None:
+    assert estimate_eta(0.1, 0.5) is None  # too early
+    assert estimate_eta(2.0, 0.005) is None
+    assert estimate_eta(2.0, 0.5) == pytest.approx(2.0)
+    assert estimate_eta(3.0, 1.0) == 0.0
+    assert error_message(StudioError("one\ntwo")) == "one"
+    assert error_message(KeyError("k")) == "Unexpected error: KeyError: 'k'"
+    assert error_message(RuntimeError()) == "Unexpected error: RuntimeError"
