@@ -21,8 +21,15 @@ ROOT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv3d,
     nn.ConvTranspose2d,
     nn.Linear,
-    nn.LSTM,
 )
+# Layers Torch-Pruning traces but cannot prune: groups touching them are left out.
+# (Torch-Pruning 1.6.1's LSTM pruner asserts num_layers == 1 and then mis-indexes the gates.)
+UNPRUNABLE: dict[type[nn.Module], str] = {
+    nn.LSTM: "recurrent hidden units cannot be removed structurally yet "
+    "(Torch-Pruning's LSTM pruner is broken); prune its weights unstructured",
+    nn.GRU: "recurrent hidden units cannot be removed structurally; prune its weights unstructured",
+    nn.RNN: "recurrent hidden units cannot be removed structurally; prune its weights unstructured",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,12 @@ def dependency_groups(
 ) -> list[DependencyGroup]:
     """All prunable groups of ``module`` (``ignored`` layers' outputs are never pruned)."""
     graph = build_graph(module, example_input)
-    names = {m: n for n, m in module.named_modules()}
+    names: dict[object, str] = {m: n for n, m in module.named_modules()}
+    # parameters held directly by a module (a ViT's class token) count as that module
+    for mod_name, mod in module.named_modules():
+        for param in mod.parameters(recurse=False):
+            names.setdefault(param, mod_name)
+    mod_of = dict(module.named_modules())
     groups = []
     try:
         for group in graph.get_all_groups(
@@ -90,7 +102,7 @@ def dependency_groups(
             consumers: list[str] = []
             for dep, _idxs in group:
                 name = names.get(dep.target.module)
-                if name is None or not _has_params(dep.target.module):
+                if name is None or not _has_params(mod_of[name]):
                     continue
                 if graph.is_out_channel_pruning_fn(dep.handler):
                     if name not in members:
@@ -98,6 +110,8 @@ def dependency_groups(
                 elif name not in consumers:
                     consumers.append(name)
             consumers = [c for c in consumers if c not in members]
+            if any(type(mod_of[n]) in UNPRUNABLE for n in members + consumers):
+                continue
             root = group[0].dep.target.module
             pruner = graph.get_pruner_of_module(root)
             channels = int(pruner.get_out_channels(root) or 0)

@@ -212,6 +212,8 @@ def _reason(name: str, mod: nn.Module, params: int, graph_error: str | None) -> 
         return "no weights"
     if graph_error:
         return graph_error
+    if type(mod) in graph.UNPRUNABLE:
+        return graph.UNPRUNABLE[type(mod)]
     if isinstance(mod, graph.ROOT_TYPES):
         return "output layer: its outputs are the model's outputs"
     return "not coupled to any prunable layer's channels"

@@ -246,7 +246,7 @@ class VisionTransformer(nn.Module):
             )
         num_patches = (height // _VIT_PATCH) * (width // _VIT_PATCH)
         self.patch_embed = nn.Conv2d(in_channels, dim, _VIT_PATCH, _VIT_PATCH)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
         self.blocks = nn.Sequential(*(Block(dim, num_heads, mlp_ratio) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)

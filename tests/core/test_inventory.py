@@ -112,3 +112,12 @@ def test_vit_attention_products_are_counted() -> None:
     conv = sum(layer.macs for layer in inv.layers if layer.type == "Conv2d")
     norms = sum(layer.macs for layer in inv.layers if layer.type == "LayerNorm")
     assert inv.macs - linear - conv - norms > 0  # q@k^T and attn@v live in the attention module
+
+
+def test_lstm_is_reported_not_prunable_with_reason_and_vit_tokens_are_grouped() -> None:
+    lstm = {layer.type: layer for layer in build_inventory(load_model("zoo:lstm")).layers}
+    assert not lstm["LSTM"].prunable and "unstructured" in lstm["LSTM"].reason
+    vit = build_inventory(load_model("zoo:vit"))
+    tokens = next(layer for layer in vit.layers if layer.name == "(model)")
+    embed = next(layer for layer in vit.layers if layer.name == "patch_embed")
+    assert tokens.group == embed.group is not None  # class token and embedding share channels
