@@ -7,6 +7,7 @@ which case quality is measured as fidelity to a reference model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zipfile
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class DataSet:
         return DataSet(self.x[:n], None if self.y is None else self.y[:n], self.name, self.classes)
 
 
+@functools.lru_cache(maxsize=1)
 def demo_splits() -> tuple[DataSet, DataSet]:
     """scikit-learn's 1,797 handwritten digits at 32x32, split 80/20 (stratified, seed 0)."""
     from sklearn.datasets import load_digits
