@@ -1,0 +1,443 @@
+"""Opening a model file: tell its format from its content, load it, describe it as a LoadedModel.
+
+Formats: ONNX (see :mod:`studio.core.onnx_import`), ``torch.save`` files (zip or legacy pickle)
+holding a state_dict or a whole module, TorchScript archives and ``torch.export`` ``.pt2``
+archives. Pickles are read with ``weights_only=True``; one that needs to run code from the file
+raises :class:`UntrustedPickleError` unless the user said they trust it. The file is only read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import posixpath
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from studio.core import zoo
+from studio.core.errors import StudioError
+from studio.core.models import EAGER, EXPORTED, TORCHSCRIPT, LoadedModel
+
+TORCH_SAVE, TORCH_LEGACY, TORCHSCRIPT_ZIP, EXPORT_ZIP, ONNX_FILE = (
+    "torch.save zip",
+    "legacy torch.save pickle",
+    "TorchScript",
+    "torch.export",
+    "ONNX",
+)
+_NOT_A_MODEL = "not a PyTorch, TorchScript or ONNX file"
+_TRUST_HINT = (
+    "pass --trust-pickle (CLI) or confirm in the dialog (GUI) only if you trust its source"
+)
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
+# torch.save's legacy (non-zip) format starts by pickling this number (as a LONG1)
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+# keys under which training scripts commonly nest the weights in a checkpoint dict
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+class UntrustedPickleError(StudioError):
+    """Loading the file would run code from it; the GUI catches this to ask the user first."""
+
+
+def load_file(
+    path: Path,
+    arch: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    trust_pickle: bool = False,
+    num_classes: int = 10,
+) -> LoadedModel:
+    """Load the model in ``path``, whatever its extension says, in eval mode."""
+    path = Path(path)
+    fmt = sniff_format(path)
+    if fmt == ONNX_FILE:
+        from studio.core.onnx_import import load_onnx
+
+        return load_onnx(path, input_shape)
+    if fmt == TORCHSCRIPT_ZIP:
+        return _load_torchscript(path, input_shape)
+    if fmt == EXPORT_ZIP:
+        return _load_exported(path, input_shape, trust_pickle)
+    obj = _torch_load(path, trust_pickle)
+    state = _find_state_dict(obj)
+    if isinstance(state, nn.Module):
+        return _from_module(state, path, input_shape)
+    if state is not None:
+        return _from_state_dict(state, path, arch, input_shape, num_classes)
+    raise StudioError(f"{path.name} holds {_describe(obj)}, not a model or a state_dict")
+
+
+def sniff_format(path: Path) -> str:
+    """The format of ``path`` judged from its bytes, or a StudioError saying what it is not."""
+    if not path.exists():
+        raise StudioError(f"{path} does not exist")
+    if path.is_dir():
+        raise StudioError(f"{path.name} is a folder, not a model file")
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head:
+        raise StudioError(f"{path.name} is empty (0 bytes), {_NOT_A_MODEL}")
+    if zipfile.is_zipfile(path):
+        return _zip_format(path)
+    if head.startswith(b"PK\x03\x04"):
+        raise StudioError(
+            f"{path.name} is a damaged or truncated zip archive (a torch.save, TorchScript or "
+            ".pt2 file cut short?)"
+        )
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        if _LEGACY_MAGIC in head[:32]:
+            return TORCH_LEGACY
+        raise StudioError(f"{path.name} is a Python pickle, not a file written by torch.save")
+    text = _leading_text(head)
+    if text is not None:
+        raise StudioError(f"{path.name} is {_NOT_A_MODEL} (it starts with text: {text!r})")
+    if head.startswith(b"\x89HDF"):
+        raise StudioError(
+            f"{path.name} is an HDF5 file (a Keras model?): convert it to ONNX and open the .onnx"
+        )
+    # an ONNX ModelProto starts with field 1 (ir_version) as a varint: byte 0x08
+    if head[0] == 0x08 or path.suffix.lower() == ".onnx":
+        return ONNX_FILE
+    raise StudioError(f"{path.name} is {_NOT_A_MODEL} (it starts with bytes {head[:8].hex(' ')})")
+
+
+def resolve_input_shape(
+    dims: Sequence[int | str | None] | None, given: tuple[int, ...] | None, what: str
+) -> tuple[int, ...]:
+    """The input shape to use: fixed dims from the file, dynamic ones (a name or None) from
+    ``given``. A dynamic batch (first) dim defaults to 1; any other needs ``given``."""
+    if dims is None:
+        if given is None:
+            raise StudioError(f"{what} has no recorded shape; pass --input-shape (e.g. 1,3,32,32)")
+        return given
+    shown = "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in dims) + "]"
+    if given is not None:
+        if len(given) != len(dims) or any(
+            isinstance(d, int) and d != g for d, g in zip(dims, given, strict=False)
+        ):
+            raise StudioError(
+                f"{what} has shape {shown}; --input-shape {_shape_text(given)} contradicts it"
+            )
+        return given
+    if any(not isinstance(d, int) for d in dims[1:]):
+        hint = ",".join(
+            "1" if i == 0 and not isinstance(d, int) else str(d or "?") for i, d in enumerate(dims)
+        )
+        raise StudioError(f"{what} has dynamic dimensions {shown}; pass --input-shape {hint}")
+    return tuple(d if isinstance(d, int) else 1 for d in dims)
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, without terminal colour codes."""
+    text = _ANSI_CODES.sub("", str(error)).strip()
+    line = text.splitlines()[0].strip() if text else type(error).__name__
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def _zip_format(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise StudioError(f"{path.name} is a damaged zip archive: {first_line(error)}") from None
+    # torch writes every entry under one top folder named after the file
+    inner = {name.split("/", 1)[-1] for name in names}
+    if "archive_format" in inner or "serialized_exported_program.json" in inner:
+        return EXPORT_ZIP
+    if "data.pkl" in inner and (
+        "constants.pkl" in inner or any(n.startswith("code/") for n in inner)
+    ):
+        return TORCHSCRIPT_ZIP
+    if "data.pkl" in inner:
+        return TORCH_SAVE
+    listed = ", ".join(sorted(names)[:3])
+    raise StudioError(f"{path.name} is a zip archive but {_NOT_A_MODEL} (it holds {listed})")
+
+
+def _leading_text(head: bytes) -> str | None:
+    """The first characters of ``head`` if it reads as text, else None."""
+    sample = head[:200]
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(sample) - 3:  # not just a character cut at the end of the sample
+            return None
+        text = sample[: error.start].decode("utf-8")
+    if not text or not text.replace("\n", "").replace("\r", "").replace("\t", "").isprintable():
+        return None
+    return text[:30].strip() + ("..." if len(text) > 30 else "")
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise _damaged(path, error) from None
+        if not trust_pickle:
+            raise UntrustedPickleError(f"{path.name} {_refusal(error)}; {_TRUST_HINT}") from None
+    except Exception as error:  # torch.load raises many kinds on damaged files
+        raise _damaged(path, error) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as error:
+        raise StudioError(
+            f"{path.name} needs Python code that is not importable here ({first_line(error)}); "
+            "save the model's state_dict instead and load it with --arch"
+        ) from None
+    except Exception as error:  # arbitrary code from the file ran and failed
+        raise StudioError(f"{path.name} could not be unpickled: {first_line(error)}") from None
+
+
+def _damaged(path: Path, error: BaseException) -> StudioError:
+    return StudioError(
+        f"{path.name} is a damaged or truncated torch.save file "
+        f"({type(error).__name__}: {first_line(error)})"
+    )
+
+
+def _refusal(error: BaseException) -> str:
+    """Why torch's safe unpickler refused the file: the Python name the pickle imports when torch
+    names one, otherwise its reason (junk after torch's header lands here too)."""
+    text = _ANSI_CODES.sub("", str(error)).split("Check the documentation")[0]
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    if match:
+        return f"needs to run code from the file to load it (a pickled Python object: {match[1]})"
+    reason = text.strip().splitlines()[-1].strip()
+    reason = "" if reason.endswith("error:") else reason
+    return (
+        "cannot be read without running code from it (the safe loader stopped"
+        f"{': ' + reason if reason else ''}); it may be damaged"
+    )
+
+
+def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | nn.Module | None:
+    """A whole module, or a mapping of names to tensors, in ``obj`` or nested one level down."""
+    if isinstance(obj, nn.Module):
+        return obj
+    if not isinstance(obj, Mapping):
+        return None
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return dict(obj)
+    for key in _CHECKPOINT_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, nn.Module | Mapping):
+            found = _find_state_dict(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        keys = ", ".join(repr(k) for k in list(obj)[:5])
+        return f"a dict with keys {keys}" if keys else "an empty dict"
+    return f"a {type(obj).__name__}"
+
+
+def _from_state_dict(
+    state: dict[str, torch.Tensor],
+    path: Path,
+    arch: str | None,
+    input_shape: tuple[int, ...] | None,
+    num_classes: int,
+) -> LoadedModel:
+    if arch is None:
+        raise StudioError(
+            f"{path.name} is a state_dict (weights without the architecture): pass --arch NAME "
+            f"(one of {', '.join(zoo.NAMES)})"
+        )
+    shape = input_shape or zoo.default_input_shape(arch)
+    module = zoo.build(arch, input_shape=shape, num_classes=num_classes)
+    expected = module.state_dict()
+    notes = []
+    prefix = "module."  # left by nn.DataParallel / DistributedDataParallel
+    if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+        notes.append("removed the 'module.' prefix that DataParallel left on the weight names")
+    problem = _state_dict_mismatch(expected, state)
+    if problem:
+        raise StudioError(f"{path.name} does not fit {arch}: {problem}")
+    module.load_state_dict(state, strict=True)
+    return LoadedModel(
+        module.eval(),
+        f"{path.name} ({arch})",
+        str(path),
+        EAGER,
+        tuple(shape),
+        arch=arch,
+        path=path,
+        notes=notes,
+    )
+
+
+def _state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any]) -> str:
+    """What differs between two state_dicts, first few of each kind, in one line ('' if none)."""
+    shapes = [
+        f"{k} is {tuple(found[k].shape)} in the file but {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    groups = (
+        ("missing keys", [k for k in expected if k not in found]),
+        ("unexpected keys", [k for k in found if k not in expected]),
+        ("different shapes", shapes),
+    )
+    parts = [f"{label}: {_first_few(items)}" for label, items in groups if items]
+    if shapes:
+        parts.append("check --num-classes and --input-shape against how it was trained")
+    return "; ".join(parts)
+
+
+def _first_few(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _from_module(module: nn.Module, path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    shape = input_shape or _zoo_input_shape(module)
+    if shape is None:
+        raise StudioError(
+            f"{path.name} holds a whole {type(module).__name__} module, which does not record "
+            "its input shape: pass --input-shape (e.g. 1,3,224,224)"
+        )
+    loaded = LoadedModel(
+        module.eval(),
+        path.name,
+        str(path),
+        EAGER,
+        tuple(shape),
+        path=path,
+        notes=["loaded a whole pickled module (the file's pickle code ran, as you allowed)"],
+    )
+    _check_runs(loaded)
+    return loaded
+
+
+def _zoo_input_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """Zoo architectures are built for 32x32 inputs; the channels come from the first conv."""
+    if type(module).__module__ != zoo.__name__:
+        return None
+    batch, channels, height, width = zoo.default_input_shape(zoo.NAMES[0])  # same for all
+    conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    return (batch, conv.in_channels if conv else channels, height, width)
+
+
+def _check_runs(loaded: LoadedModel) -> None:
+    """Run one example so a wrong input shape fails here, with a clear message."""
+    try:
+        with torch.no_grad():
+            loaded.module(loaded.example_input())
+    except Exception as error:  # any failure means the shape does not fit
+        raise StudioError(
+            f"{loaded.name} does not run on an input of shape {_shape_text(loaded.input_shape)}: "
+            f"{first_line(error)}; pass the right --input-shape"
+        ) from None
+
+
+def _load_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # torch raises RuntimeError and more
+        raise StudioError(
+            f"{path.name} is a TorchScript archive that could not be loaded: {first_line(error)}"
+        ) from None
+    if input_shape is None:
+        raise StudioError(
+            f"{path.name} is a TorchScript module, which does not record its input shape: "
+            "pass --input-shape (e.g. 1,3,224,224)"
+        )
+    loaded = LoadedModel(module.eval(), path.name, str(path), TORCHSCRIPT, input_shape, path=path)
+    _check_runs(loaded)
+    return loaded
+
+
+def _load_exported(
+    path: Path, input_shape: tuple[int, ...] | None, trust_pickle: bool
+) -> LoadedModel:
+    if not trust_pickle:
+        member = _unsafe_pt2_member(path)
+        if member is not None:
+            raise UntrustedPickleError(
+                f"{path.name} needs to run code from the file to load it (a pickled Python "
+                f"object in {member}); {_TRUST_HINT}"
+            )
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:  # torch raises many kinds here
+        raise StudioError(
+            f"{path.name} is a torch.export archive that could not be loaded: {first_line(error)}"
+        ) from None
+    user_inputs = program.graph_signature.user_inputs
+    specs = [
+        n.meta.get("val")
+        for n in program.graph.nodes
+        if n.op == "placeholder" and n.name in user_inputs
+    ]
+    if len(specs) != 1:
+        raise StudioError(
+            f"{path.name} takes {len(specs)} inputs; the studio supports models "
+            "with a single input tensor"
+        )
+    dims = (
+        None if specs[0] is None else [d if isinstance(d, int) else str(d) for d in specs[0].shape]
+    )
+    example = (getattr(program, "example_inputs", None) or ((), {}))[0]
+    if input_shape is None and dims and len(example) == 1 and len(example[0].shape) == len(dims):
+        # dynamic dims past the batch take their size from the example saved with the program
+        dims[1:] = [
+            d if isinstance(d, int) else int(e) for d, e in zip(dims[1:], example[0].shape[1:])
+        ]
+    shape = resolve_input_shape(dims, input_shape, f"{path.name}: input {user_inputs[0]!r}")
+    module = program.module()
+    # The exported graph fixed its train/eval behaviour at export time and torch makes
+    # train()/eval() raise on it; restoring nn.Module's (flag-only) methods lets callers treat
+    # it like any module.
+    for name in ("train", "eval"):
+        module.__dict__.pop(name, None)
+    loaded = LoadedModel(module, path.name, str(path), EXPORTED, shape, path=path)
+    if dims is not None and isinstance(dims[0], int):
+        loaded.notes.append(f"the exported program has a fixed batch size of {dims[0]}")
+    _check_runs(loaded)
+    return loaded
+
+
+def _unsafe_pt2_member(path: Path) -> str | None:
+    """The first archive entry torch.export.load would unpickle with the full (code-running)
+    unpickler that does not load with ``weights_only=True``, or None if there is none."""
+    with zipfile.ZipFile(path) as archive:
+        raw: set[str] = set()  # tensor payloads stored as plain bytes
+        for name in archive.namelist():
+            if name.endswith(("_weights_config.json", "_constants_config.json")):
+                try:
+                    config = json.loads(archive.read(name))["config"]
+                except (ValueError, KeyError, TypeError):
+                    return name
+                folder = posixpath.dirname(name)
+                raw |= {
+                    posixpath.join(folder, entry["path_name"])
+                    for entry in config.values()
+                    if isinstance(entry, dict) and not entry.get("use_pickle")
+                }
+        for name in archive.namelist():
+            # custom_obj_* are TorchScript objects, read by torch's own (code-free) unpickler
+            if name in raw or posixpath.basename(name).startswith("custom_obj_"):
+                continue
+            data = archive.read(name)
+            if data[:1] == b"\x80" or data[:2] == b"PK":  # a pickle or a torch.save zip
+                try:
+                    torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                except Exception:  # anything the safe loader refuses
+                    return name
+    return None
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return ",".join(str(d) for d in shape)
