@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from PySide6.QtCore import QPointF, QRectF, Qt, QTimer
@@ -56,6 +57,13 @@ def application() -> QApplication:
     return app
 
 
+def _display_available() -> bool:
+    """Whether Qt can open a window here (an explicit QT_QPA_PLATFORM is trusted)."""
+    if os.environ.get("QT_QPA_PLATFORM") or not sys.platform.startswith("linux"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def run_gui(
     model_spec: str | None = None, data_spec: str | None = None, screenshot: str | None = None
 ) -> int:
@@ -65,6 +73,15 @@ def run_gui(
     to that PNG file and the function returns 0, or 1 with a one-line message on stderr if
     loading failed.
     """
+    if QApplication.instance() is None and not _display_available():
+        if screenshot is None:
+            print(
+                "studio: error: no display found (DISPLAY and WAYLAND_DISPLAY are unset): run "
+                "the studio in a desktop session, or under a virtual one with `xvfb-run -a studio`",
+                file=sys.stderr,
+            )
+            return 1
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"  # a screenshot needs no screen
     app = application()
     window = MainWindow(interactive=screenshot is None)
     problem = binding_problem()
