@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -86,6 +87,14 @@ def dependency_groups(
     module: nn.Module, example_input: torch.Tensor, ignored: list[nn.Module] | None = None
 ) -> list[DependencyGroup]:
     """All prunable groups of ``module`` (``ignored`` layers' outputs are never pruned)."""
+    return [g for g, _ in traced_groups(module, example_input, ignored)[1]]
+
+
+def traced_groups(
+    module: nn.Module, example_input: torch.Tensor, ignored: list[nn.Module] | None = None
+) -> tuple[Any, list[tuple[DependencyGroup, Any]]]:
+    """The dependency graph and each prunable group with its Torch-Pruning group object
+    (which prunes all its layers at once: ``graph.get_pruning_group(root, handler, idxs)``)."""
     graph = build_graph(module, example_input)
     names: dict[object, str] = {m: n for n, m in module.named_modules()}
     # parameters held directly by a module (a ViT's class token) count as that module
@@ -93,6 +102,7 @@ def dependency_groups(
         for param in mod.parameters(recurse=False):
             names.setdefault(param, mod_name)
     mod_of = dict(module.named_modules())
+    order = {name: i for i, name in enumerate(mod_of)}
     groups = []
     try:
         for group in graph.get_all_groups(
@@ -115,24 +125,20 @@ def dependency_groups(
             root = group[0].dep.target.module
             pruner = graph.get_pruner_of_module(root)
             channels = int(pruner.get_out_channels(root) or 0)
-            groups.append(
-                DependencyGroup(names.get(root, "?"), channels, tuple(members), tuple(consumers))
+            root_name = names.get(root, "?")
+            info = DependencyGroup(
+                root_name,
+                channels,
+                (root_name, *sorted((m for m in members if m != root_name), key=order.get)),
+                tuple(sorted(consumers, key=order.get)),
             )
+            groups.append((info, group))
     except Exception as exc:
         raise StudioError(
             f"the dependency groups could not be listed: {type(exc).__name__}: {exc}"[:300]
         ) from None
-    order = {name: i for i, name in enumerate(names.values())}
-    groups.sort(key=lambda g: order.get(g.root, len(order)))
-    return [
-        DependencyGroup(
-            g.root,
-            g.channels,
-            (g.root, *sorted((m for m in g.members if m != g.root), key=order.__getitem__)),
-            tuple(sorted(g.consumers, key=order.__getitem__)),
-        )
-        for g in groups
-    ]
+    groups.sort(key=lambda item: order.get(item[0].root, len(order)))
+    return graph, groups
 
 
 def _has_params(module: object) -> bool:
