@@ -82,6 +82,7 @@ class ScanRow:
     agreement: float  # top-1 agreement with the unpruned model (NaN for estimates)
     kl: float  # KL(unpruned || pruned) (NaN for estimates)
     estimate: bool = False  # True for the taylor method: a prediction, not a measurement
+    error: str = ""  # why this cell could not be measured (its values are NaN)
 
     def value(self, metric: str) -> float:
         if metric == "fidelity":
