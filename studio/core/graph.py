@@ -143,3 +143,37 @@ def traced_groups(
 
 def _has_params(module: object) -> bool:
     return isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False))
+
+
+def fused_qkv_heads(module: nn.Module, name: str) -> int | None:
+    """Number of heads if ``name`` is a fused q/k/v projection (timm layout), else None.
+
+    Its output channels must be removed the same way in q, k and v and equally in every
+    head, or the attention reshape breaks; see :func:`qkv_channels`.
+    """
+    mods = dict(module.named_modules())
+    layer = mods.get(name)
+    parent = mods.get(name.rsplit(".", 1)[0] if "." in name else "")
+    heads = getattr(parent, "num_heads", None)
+    if not isinstance(layer, nn.Linear) or not isinstance(heads, int) or heads <= 0:
+        return None
+    if layer.out_features % (3 * heads) or getattr(parent, "qkv", None) is not layer:
+        return None
+    return heads
+
+
+def qkv_channels(scores: list[float] | Any, heads: int, per_head: int) -> list[int]:
+    """The ``per_head`` weakest head dimensions of every head, as q/k/v output channels."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=float)
+    dim = s.size // 3
+    head_dim = dim // heads
+    joint = s.reshape(3, heads, head_dim).sum(0)  # a dimension is kept or removed in q, k, v
+    chosen = np.argsort(joint, axis=1, kind="stable")[:, :per_head]
+    return sorted(
+        int(part * dim + h * head_dim + d)
+        for part in range(3)
+        for h in range(heads)
+        for d in chosen[h]
+    )

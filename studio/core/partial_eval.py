@@ -27,7 +27,9 @@ class PartialRunner:
                 module if isinstance(module, fx.GraphModule) else fx.symbolic_trace(module)
             )
         except Exception as exc:  # fx cannot trace data-dependent control flow and the like
-            self.trace_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.trace_error = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
 
     @property
     def traced(self) -> bool:
@@ -40,7 +42,8 @@ class PartialRunner:
         names = set(layers)
         nodes = list(self.graph_module.graph.nodes)
         changed = {
-            n for n in nodes
+            n
+            for n in nodes
             if (n.op == "call_module" and _within(n.target, names))
             or (n.op == "get_attr" and _within(n.target.rsplit(".", 1)[0], names))
         }
@@ -51,11 +54,21 @@ class PartialRunner:
             if node in changed or any(a in downstream for a in node.all_input_nodes):
                 downstream.add(node)
         frontier = [
-            n for n in nodes
-            if n not in downstream and any(u in downstream for u in n.users)
+            n for n in nodes if n not in downstream and any(u in downstream for u in n.users)
         ]
         ordered = [n for n in nodes if n in downstream]
         return Region(self, frontier, ordered, full=False)
+
+    def node_values(self, x: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
+        """Values of the named nodes for input ``x``, computing only what they need."""
+        assert self.graph_module is not None
+        nodes = list(self.graph_module.graph.nodes)
+        needed = {n for n in nodes if n.name in names}
+        for node in reversed(nodes):
+            if node in needed:
+                needed.update(node.all_input_nodes)
+        env = _run(self.graph_module, [n for n in nodes if n in needed], {}, x)
+        return {n.name: v for n, v in env.items() if isinstance(n, fx.Node) and n.name in names}
 
 
 class Region:
@@ -81,6 +94,16 @@ class Region:
             return x
         env = _run(self.runner.graph_module, self._upstream, {}, x)
         return {n: env[n] for n in self.frontier}
+
+    @property
+    def frontier_names(self) -> list[str]:
+        return [n.name for n in self.frontier]
+
+    def forward_named(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The output from frontier values keyed by node name (shared between replicas)."""
+        if self.full:
+            return self.runner.module(x)
+        return self.forward({n: values[n.name] for n in self.frontier})
 
     def forward(self, frontier: object) -> torch.Tensor:
         """The model's output computed from stored frontier values."""

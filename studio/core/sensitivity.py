@@ -19,6 +19,8 @@ import hashlib
 import json
 import math
 import os
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -39,6 +41,7 @@ from studio.core.paths import cache_dir
 from studio.core.sensitivity_types import NM_GROUP, ScanReport, ScanRow, ScanSettings, ScanTarget
 
 CACHE_VERSION = 1
+MAX_STORE_BYTES = 1 << 30  # activations kept for reuse across targets
 MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -51,9 +54,16 @@ class SensitivityScan:
     """One scan of one model on one data set; ``prepare()`` then iterate ``run()``."""
 
     def __init__(
-        self, model: LoadedModel, data: DataSet, settings: ScanSettings, use_cache: bool = True
+        self,
+        model: LoadedModel,
+        data: DataSet,
+        settings: ScanSettings,
+        use_cache: bool = True,
+        workers: int | None = None,
     ) -> None:
         self.model = model
+        # exact scans split targets across threads, one model replica each (both cores)
+        self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
         self.data = data
         self.settings = settings
         self.use_cache = use_cache
@@ -146,11 +156,14 @@ class SensitivityScan:
         todo = [(t, rs) for t, rs in todo if rs]
         total = sum(len(rs) for _, rs in todo) or 1
         finished = 0
-        if self.settings.method == "taylor" and todo:
+        if not todo:
+            rows: Iterator[ScanRow] = iter(())
+        elif self.settings.method == "taylor":
             rows = self._taylor(todo, cancel)
+        elif self.settings.method == "exact":
+            rows = self._exact_all(todo, cancel)
         else:
-            measure = self._exact if self.settings.method == "exact" else self._naive
-            rows = (row for target, rs in todo for row in measure(target, rs, cancel))
+            rows = (row for t, rs in todo for row in self._naive(self.model.module, t, rs, cancel))
         for row in rows:
             check(cancel)
             self.report.rows.append(row)
@@ -189,6 +202,10 @@ class SensitivityScan:
 
     def _pruned_indices(self, target: ScanTarget, ratio: float) -> list[int]:
         scores = self._channel_scores(target)
+        heads = graph.fused_qkv_heads(self.model.module, target.name)
+        if heads:  # attention: the same head dimensions in q, k and v, equally per head
+            per_head = channels_to_prune(len(scores) // 3 // heads, ratio)
+            return graph.qkv_channels(scores, heads, per_head)
         k = channels_to_prune(len(scores), ratio)
         return sorted(np.argsort(scores, kind="stable")[:k].tolist())
 
@@ -204,31 +221,87 @@ class SensitivityScan:
             self._targets[key] = scores.detach().double().cpu().numpy()
         return self._targets[key]  # type: ignore[return-value]
 
-    # ---- exact: in place, partial recompute ---------------------------------------------
+    # ---- exact: in place on replicas, partial recompute ------------------------------------
+
+    def _exact_all(self, todo: list, cancel: CancelToken | None) -> Iterator[ScanRow]:
+        if self.settings.mode == "structured":
+            for target, _ in todo:
+                self._channel_scores(target)  # computed once, before any thread starts
+        store = self._frontier_store(todo)
+        workers = min(self.workers, len(todo))
+        if workers == 1:
+            replica = _Replica(self)
+            for target, ratios in todo:
+                yield from self._exact(replica, target, ratios, store, cancel)
+            return
+        yield from _parallel(self, todo, store, cancel, workers)
 
     def _exact(
-        self, target: ScanTarget, ratios: list[float], cancel: CancelToken | None
+        self,
+        replica: _Replica,
+        target: ScanTarget,
+        ratios: list[float],
+        store: list[dict[str, torch.Tensor]] | None,
+        cancel: CancelToken | None,
     ) -> Iterator[ScanRow]:
         if self._needs_copy(target):  # Torch-Pruning replaces bare parameters: prune a copy
-            yield from self._naive(target, ratios, cancel)
+            yield from self._naive(replica.module, target, ratios, cancel)
             return
-        module = self.model.module
-        runner = self._runner()
-        region = runner.region(target.layers)
+        region = replica.runner.region(target.layers)
+        names = set(region.frontier_names)
+        xs = [x for x, _ in self._batches]
         with torch.inference_mode():
-            frontier = [region.frontier_values(x) for x, _ in self._batches]
+            if store is not None and names <= set(store[0]):
+                frontier = [{n: values[n] for n in names} for values in store]
+
+                def outputs() -> list[torch.Tensor]:
+                    return [region.forward_named(f, x) for f, x in zip(frontier, xs)]
+            else:
+                computed = [region.frontier_values(x) for x in xs]
+
+                def outputs() -> list[torch.Tensor]:
+                    return [region.forward(f) for f in computed]
+
         for ratio in ratios:
             check(cancel)
             try:
-                with self._pruned_in_place(module, target, ratio), torch.inference_mode():
+                with _InPlace(self, replica, target, ratio), torch.inference_mode():
                     try:
-                        outputs = [region.forward(f) for f in frontier]
+                        result = outputs()
                     except Exception:  # the traced graph holds shapes the pruning changed
-                        outputs = [module(x) for x, _ in self._batches]
-                row = self._row(target.name, ratio, outputs)
+                        result = [replica.module(x) for x in xs]
+                row = self._row(target.name, ratio, result)
             except Exception as exc:
                 row = self._failed(target, ratio, exc)
             yield row
+
+    def _frontier_store(self, todo: list) -> list[dict[str, torch.Tensor]] | None:
+        """Activations entering every target's region, computed in one pass and shared,
+        or None when they would take more than MAX_STORE_BYTES (then each target computes its
+        own)."""
+        runner = PartialRunner(self.model.module)
+        if not runner.traced:
+            return None
+        names: set[str] = set()
+        for target, _ in todo:
+            region = runner.region(target.layers)
+            if not region.full:
+                names.update(region.frontier_names)
+        if not names:
+            return None
+        store = []
+        with torch.inference_mode():
+            for i, (x, _) in enumerate(self._batches):
+                store.append(runner.node_values(x, names))
+                if i == 0:
+                    size = sum(
+                        v.numel() * v.element_size()
+                        for v in store[0].values()
+                        if isinstance(v, torch.Tensor)
+                    )
+                    if size * len(self.data) / max(1, len(x)) > MAX_STORE_BYTES:
+                        return None
+        return store
 
     def _needs_copy(self, target: ScanTarget) -> bool:
         if self.settings.mode != "structured":
@@ -236,23 +309,15 @@ class SensitivityScan:
         group = self._targets[target.name]
         return any(not isinstance(dep.target.module, nn.Module) for dep, _ in group)
 
-    def _runner(self) -> PartialRunner:
-        if "runner" not in self._targets:
-            self._targets["runner"] = PartialRunner(self.model.module)
-        return self._targets["runner"]  # type: ignore[return-value]
-
-    def _pruned_in_place(self, module: nn.Module, target: ScanTarget, ratio: float):
-        return _InPlace(self, module, target, ratio)
-
     # ---- naive: copy, prune, evaluate everything ------------------------------------------
 
     def _naive(
-        self, target: ScanTarget, ratios: list[float], cancel: CancelToken | None
+        self, source: nn.Module, target: ScanTarget, ratios: list[float], cancel: CancelToken | None
     ) -> Iterator[ScanRow]:
         for ratio in ratios:
             check(cancel)
             try:
-                pruned = copy.deepcopy(self.model.module)
+                pruned = copy.deepcopy(source)
                 self._prune_copy(pruned, target, ratio)
                 with torch.inference_mode():
                     outputs = [pruned(x) for x, _ in self._batches]
@@ -378,33 +443,46 @@ class SensitivityScan:
         os.replace(tmp, self._cache_path)
 
 
-class _InPlace:
-    """Prune a target in place for the duration of a ``with`` block, then restore it."""
+class _Replica:
+    """A private copy of the model with its own dependency graph and traced graph."""
 
-    def __init__(self, scan: SensitivityScan, module: nn.Module, target: ScanTarget, ratio: float):
-        self.scan, self.module, self.target, self.ratio = scan, module, target, ratio
+    def __init__(self, scan: SensitivityScan) -> None:
+        self.module = copy.deepcopy(scan.model.module).eval()
+        self.graph = None
+        self.groups: dict[str, object] = {}
+        if scan.settings.mode == "structured":
+            x = scan.model.example_input()
+            outputs = graph.output_layers(self.module, x)
+            self.graph, groups = graph.traced_groups(self.module, x, ignored=outputs)
+            self.groups = {info.root: group for info, group in groups}
+        self.runner = PartialRunner(self.module)
+
+
+class _InPlace:
+    """Prune a target of a replica for the duration of a ``with`` block, then restore it."""
+
+    def __init__(self, scan: SensitivityScan, replica: _Replica, target: ScanTarget, ratio: float):
+        self.scan, self.replica, self.target, self.ratio = scan, replica, target, ratio
         self.saved: list = []
 
     def __enter__(self) -> None:
         scan, target = self.scan, self.target
         if scan.settings.mode != "structured":
-            weight = dict(self.module.named_modules())[target.name].weight
+            weight = dict(self.replica.module.named_modules())[target.name].weight
             self.saved = [(weight, weight.detach().clone())]
             with torch.no_grad():
                 weight.mul_(scan._mask(weight, self.ratio))
             return
-        group = scan._targets[target.name]
-        root = group[0].dep.target.module
-        dg = scan._graph
-        pruning = dg.get_pruning_group(
-            root, group[0].dep.handler, scan._pruned_indices(target, self.ratio)
+        group = self.replica.groups[target.name]
+        root = group[0].dep.target.module  # type: ignore[index]
+        pruning = self.replica.graph.get_pruning_group(  # type: ignore[union-attr]
+            root,
+            group[0].dep.handler,
+            scan._pruned_indices(target, self.ratio),  # type: ignore[index]
         )
-        touched = {id(d.target.module): d.target.module for d, _ in pruning}
-        for mod in touched.values():
+        for mod in {id(d.target.module): d.target.module for d, _ in pruning}.values():
             if isinstance(mod, nn.Module):
                 self.saved.append((mod, _snapshot(mod)))
-            elif isinstance(mod, torch.Tensor):
-                raise StudioError("groups with bare parameters are pruned on a copy")
         pruning.prune(record_history=False)
 
     def __exit__(self, *exc: object) -> None:
@@ -415,6 +493,63 @@ class _InPlace:
             return
         for mod, state in self.saved:
             _restore(mod, state)
+
+
+_DONE = object()
+
+
+def _parallel(
+    scan: SensitivityScan,
+    todo: list,
+    store: list[dict[str, torch.Tensor]] | None,
+    cancel: CancelToken | None,
+    workers: int,
+) -> Iterator[ScanRow]:
+    """Targets pulled from a queue by ``workers`` threads, each with its own replica and one
+    torch thread (small convolutions scale better across replicas than across threads)."""
+    tasks: queue.Queue = queue.Queue()
+    for item in todo:
+        tasks.put(item)
+    results: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    replicas = [_Replica(scan) for _ in range(workers)]
+
+    def work(replica: _Replica) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    target, ratios = tasks.get_nowait()
+                except queue.Empty:
+                    break
+                for row in scan._exact(replica, target, ratios, store, cancel):
+                    results.put(row)
+                    if stop.is_set():
+                        break
+        except BaseException as exc:  # handed to the caller's thread
+            results.put(exc)
+        finally:
+            results.put(_DONE)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in replicas]
+    for t in threads:
+        t.start()
+    try:
+        running = len(threads)
+        while running:
+            item = results.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        torch.set_num_threads(previous)
 
 
 def _snapshot(mod: nn.Module) -> dict:
