@@ -41,6 +41,7 @@ from studio.core.paths import cache_dir
 from studio.core.sensitivity_types import NM_GROUP, ScanReport, ScanRow, ScanSettings, ScanTarget
 
 CACHE_VERSION = 1
+TAYLOR_BATCH = 64
 MAX_STORE_BYTES = 1 << 30  # activations kept for reuse across targets
 MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -366,47 +367,60 @@ class SensitivityScan:
     # ---- taylor: first-order estimate -----------------------------------------------------
 
     def _taylor(self, todo: list, cancel: CancelToken | None) -> Iterator[ScanRow]:
+        """Second-order Taylor estimate with the Fisher approximation (Molchanov et al. 2019):
+        removing a set S of channels (or weights) costs about 1/2 B E_b[sum_S (g_b . w)^2],
+        with g_b the gradient of the mean loss of mini-batch b of size B."""
         module = self.model.module
         params = list(module.parameters())
-        saved_grads = [p.grad for p in params]
-        saved_flags = [p.requires_grad for p in params]
+        saved = [(p.grad, p.requires_grad) for p in params]
+        sums: dict[str, torch.Tensor] = {}
+        batches = 0
         try:
             for p in params:
-                p.grad = None
                 p.requires_grad_(True)
-            n = len(self.data)
-            with torch.enable_grad():
-                for x, y in self._batches:
-                    check(cancel)
-                    loss = F.cross_entropy(module(x), y, reduction="sum") / n
-                    loss.backward()
-            base = self.report.baseline.loss  # type: ignore[union-attr]
-            estimates = {}
-            for target, ratios in todo:
-                for ratio in ratios:
-                    estimates[(target.name, ratio)] = self._taylor_delta(target, ratio)
+            labels = torch.cat([y for _, y in self._batches])
+            for i in range(0, len(self.data), TAYLOR_BATCH):
+                check(cancel)
+                for p in params:
+                    p.grad = None
+                x, y = self.data.x[i : i + TAYLOR_BATCH], labels[i : i + TAYLOR_BATCH]
+                with torch.enable_grad():
+                    F.cross_entropy(module(x), y).backward()
+                for target, _ in todo:
+                    contribution = self._taylor_terms(target).double() ** 2
+                    sums[target.name] = sums.get(target.name, 0) + contribution
+                batches += 1
         finally:
-            for p, g, flag in zip(params, saved_grads, saved_flags):
-                p.grad = g
+            for p, (grad, flag) in zip(params, saved):
+                p.grad = grad
                 p.requires_grad_(flag)
+        scale = 0.5 * TAYLOR_BATCH / max(1, batches)
+        base = self.report.baseline.loss  # type: ignore[union-attr]
         nan = float("nan")
-        for (name, ratio), delta in estimates.items():
-            yield ScanRow(name, ratio, None, base + delta, nan, nan, estimate=True)
+        for target, ratios in todo:
+            importance = sums[target.name] * scale
+            for ratio in ratios:
+                delta = float(importance[self._removed(target, ratio)].sum())
+                yield ScanRow(target.name, ratio, None, base + delta, nan, nan, estimate=True)
 
-    def _taylor_delta(self, target: ScanTarget, ratio: float) -> float:
+    def _taylor_terms(self, target: ScanTarget) -> torch.Tensor:
+        """g . w per channel of a group (summed over its layers), or per weight."""
         if self.settings.mode == "structured":
             import torch_pruning as tp
 
-            key = f"taylor:{target.name}"
-            if key not in self._targets:
-                imp = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
-                with torch.no_grad():
-                    self._targets[key] = imp(self._targets[target.name]).double().cpu().numpy()
-            scores = self._targets[key]
-            return float(np.sum(scores[self._pruned_indices(target, ratio)]))  # type: ignore[index]
+            imp = tp.importance.GroupTaylorImportance(
+                multivariable=True, group_reduction="sum", normalizer=None
+            )
+            with torch.no_grad():
+                return imp(self._targets[target.name]).detach()
         weight = dict(self.model.module.named_modules())[target.name].weight
-        removed = 1.0 - self._mask(weight, ratio)
-        return float((weight.detach() * weight.grad * removed).abs().sum())
+        return (weight.detach() * weight.grad).flatten()
+
+    def _removed(self, target: ScanTarget, ratio: float) -> object:
+        if self.settings.mode == "structured":
+            return self._pruned_indices(target, ratio)
+        weight = dict(self.model.module.named_modules())[target.name].weight
+        return (self._mask(weight, ratio) == 0).flatten()
 
     # ---- cache ----------------------------------------------------------------------------
 
