@@ -73,6 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", metavar="SPEC", help="reference model for fidelity")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    sc = sub.add_parser("scan", help="sensitivity scan: prune each layer alone, measure")
+    _add_model_args(sc)
+    _add_data_args(sc)
+    sc.add_argument("--mode", default="structured", choices=("structured", "unstructured", "nm"))
+    sc.add_argument(
+        "--ratios",
+        metavar="R,R,...",
+        help="fractions to prune (default 0.1..0.9; nm: 0.25,0.5,0.75)",
+    )
+    sc.add_argument(
+        "--metric",
+        choices=("accuracy", "loss", "fidelity"),
+        help="default: accuracy with labels, fidelity without, loss for taylor",
+    )
+    sc.add_argument("--method", default="exact", choices=("exact", "naive", "taylor"))
+    sc.add_argument("--criterion", default="l2", choices=("l1", "l2"))
+    sc.add_argument("--batch-size", type=int, default=256)
+    sc.add_argument("--workers", type=int, help="threads for exact scans (default: all cores)")
+    sc.add_argument("--no-cache", action="store_true", help="measure everything again")
+    sc.add_argument("--out", metavar="FILE.csv|FILE.json", help="write the table")
+    sc.add_argument("--json", action="store_true", help="print a JSON summary")
     gui = sub.add_parser("gui", help="open the studio window")
     _add_model_args(gui, required=False)
     _add_data_args(gui, required=False)
@@ -161,13 +182,98 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from studio.core.files import write_atomic
+    from studio.core.sensitivity import SensitivityScan
+    from studio.core.sensitivity_types import ScanSettings
+
+    model = _load(args)
+    data = _load_data(args)
+    metric = args.metric or (
+        "loss" if args.method == "taylor" else "accuracy" if data.labelled else "fidelity"
+    )
+    if args.ratios:
+        try:
+            ratios = tuple(float(r) for r in args.ratios.split(",") if r.strip())
+        except ValueError:
+            raise StudioError(
+                f"bad --ratios {args.ratios!r}: expected numbers like 0.1,0.5"
+            ) from None
+    else:
+        ratios = ScanSettings.default_ratios(args.mode)
+    settings = ScanSettings(args.mode, metric, args.method, ratios, args.criterion, args.batch_size)
+    if args.out and not args.out.lower().endswith((".csv", ".json")):
+        raise StudioError(f"--out must end in .csv or .json, got {args.out}")
+    job = SensitivityScan(model, data, settings, use_cache=not args.no_cache, workers=args.workers)
+    job.prepare(progress=TerminalProgress("preparing"))
+    started = time.monotonic()
+    for _ in job.run(progress=TerminalProgress("scanning")):
+        pass
+    seconds = time.monotonic() - started
+    result = job.report
+    assert result is not None
+    order = {t.name: i for i, t in enumerate(result.targets)}
+    result.rows.sort(key=lambda r: (order.get(r.layer, len(order)), r.ratio))
+    if args.out:
+        protected = tuple(p for p in (model.path, _path(args.data)) if p is not None)
+        if args.out.lower().endswith(".csv"):
+            write_atomic(args.out, result.to_csv(metric), protected)
+        else:
+            write_atomic(args.out, json.dumps(_scan_json(result, metric), indent=1), protected)
+    names, ratio_list, grid = result.matrix(metric)
+    summary = {
+        "method": settings.method,
+        "mode": settings.mode,
+        "metric": metric,
+        "seconds": round(seconds, 3),
+        "rows": len(result.rows),
+        "cached_rows": result.cached_rows,
+        "targets": len(result.targets),
+        "baseline": result.baseline.value(metric),
+        "failed": sum(1 for r in result.rows if r.error),
+        "out": args.out,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"{settings.method} {settings.mode} scan of {model.name} on {data.name}: "
+        f"{metric} baseline {summary['baseline']:.4f}, drop per ratio"
+        f"{' (estimated)' if settings.method == 'taylor' else ''}"
+    )
+    print(f"{'layer / group':<32}" + "".join(f"{r:>8g}" for r in ratio_list))
+    for name, row in zip(names, grid):
+        print(f"{name:<32}" + "".join(f"{v:>8.4f}" for v in row))
+    print(f"{len(result.rows)} rows in {seconds:.1f}s ({result.cached_rows} from the cache)")
+    return 0
+
+
+def _path(spec: str | None):
+    from pathlib import Path
+
+    return Path(spec) if spec and Path(spec).exists() else None
+
+
+def _scan_json(result, metric: str) -> dict:
+    return {
+        "settings": {
+            k: getattr(result.settings, k)
+            for k in ("mode", "metric", "method", "ratios", "criterion", "batch_size")
+        },
+        "metric": metric,
+        "baseline": result.baseline.to_dict(),
+        "targets": [t.__dict__ for t in result.targets],
+        "rows": [dict(r.to_dict(), drop=result.drop(r, metric)) for r in result.rows],
+    }
+
+
 def cmd_gui(args: argparse.Namespace) -> int:
     from studio.ui.app import run_gui
 
     return run_gui(args.model, args.data, screenshot=args.screenshot)
 
 
-COMMANDS = {"info": cmd_info, "eval": cmd_eval, "gui": cmd_gui}
+COMMANDS = {"info": cmd_info, "eval": cmd_eval, "scan": cmd_scan, "gui": cmd_gui}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

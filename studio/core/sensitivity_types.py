@@ -111,7 +111,7 @@ class ScanReport:
         """How much worse ``row`` is than the baseline (positive = worse)."""
         metric = metric or self.settings.metric
         delta = row.value(metric) - self.baseline.value(metric)
-        return delta if metric == "loss" else -delta
+        return (delta if metric == "loss" else -delta) + 0.0  # no negative zeros
 
     def matrix(self, metric: str | None = None) -> tuple[list[str], list[float], np.ndarray]:
         """Targets in model order x ratios, as a drop matrix (NaN where not measured yet)."""
