@@ -74,6 +74,7 @@ class SensitivityScan:
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ref: list[torch.Tensor] = []
         self._cache_path: Path | None = None
+        self._taylor_sums: dict[str, torch.Tensor] = {}
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -93,15 +94,19 @@ class SensitivityScan:
             raise StudioError(f"nothing to scan in {self.model.name} for mode {self.settings.mode}")
         check(cancel)
         report(progress, 0.3, "evaluating the unpruned model")
-        bs = self.settings.batch_size
-        with torch.inference_mode():
-            self._ref = [
-                module(self.data.x[i : i + bs]).float() for i in range(0, len(self.data), bs)
+        if self.settings.method == "taylor":  # the gradient pass also gives the baseline
+            bs = TAYLOR_BATCH
+            self._ref, labels = self._taylor_pass(targets, cancel)
+        else:
+            bs = self.settings.batch_size
+            with torch.inference_mode():
+                self._ref = [
+                    module(self.data.x[i : i + bs]).float() for i in range(0, len(self.data), bs)
+                ]
+            labels = [
+                self.data.y[i : i + bs] if self.data.y is not None else ref.argmax(1)
+                for i, ref in zip(range(0, len(self.data), bs), self._ref)
             ]
-        labels = []
-        for i, ref in zip(range(0, len(self.data), bs), self._ref):
-            y = self.data.y[i : i + bs] if self.data.y is not None else ref.argmax(1)
-            labels.append(y)
         self._batches = [
             (self.data.x[i : i + bs], y) for i, y in zip(range(0, len(self.data), bs), labels)
         ]
@@ -366,39 +371,51 @@ class SensitivityScan:
 
     # ---- taylor: first-order estimate -----------------------------------------------------
 
-    def _taylor(self, todo: list, cancel: CancelToken | None) -> Iterator[ScanRow]:
-        """Second-order Taylor estimate with the Fisher approximation (Molchanov et al. 2019):
-        removing a set S of channels (or weights) costs about 1/2 B E_b[sum_S (g_b . w)^2],
-        with g_b the gradient of the mean loss of mini-batch b of size B."""
+    def _taylor_pass(
+        self, targets: list[ScanTarget], cancel: CancelToken | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One pass of gradients over the data (mini-batches of TAYLOR_BATCH), accumulating
+        the squared g . w of every channel or weight; returns outputs and labels per batch."""
         module = self.model.module
         params = list(module.parameters())
         saved = [(p.grad, p.requires_grad) for p in params]
         sums: dict[str, torch.Tensor] = {}
-        batches = 0
+        outputs, labels = [], []
         try:
             for p in params:
                 p.requires_grad_(True)
-            labels = torch.cat([y for _, y in self._batches])
             for i in range(0, len(self.data), TAYLOR_BATCH):
                 check(cancel)
                 for p in params:
                     p.grad = None
-                x, y = self.data.x[i : i + TAYLOR_BATCH], labels[i : i + TAYLOR_BATCH]
+                x = self.data.x[i : i + TAYLOR_BATCH]
                 with torch.enable_grad():
-                    F.cross_entropy(module(x), y).backward()
-                for target, _ in todo:
+                    out = module(x)
+                    y = self.data.y[i : i + TAYLOR_BATCH] if self.data.y is not None else None
+                    y = out.detach().argmax(1) if y is None else y
+                    F.cross_entropy(out, y).backward()
+                outputs.append(out.detach().float())
+                labels.append(y)
+                for target in targets:
                     contribution = self._taylor_terms(target).double() ** 2
                     sums[target.name] = sums.get(target.name, 0) + contribution
-                batches += 1
         finally:
             for p, (grad, flag) in zip(params, saved):
                 p.grad = grad
                 p.requires_grad_(flag)
-        scale = 0.5 * TAYLOR_BATCH / max(1, batches)
+        scale = 0.5 * TAYLOR_BATCH / max(1, len(outputs))
+        self._taylor_sums = {name: total * scale for name, total in sums.items()}
+        return outputs, labels
+
+    def _taylor(self, todo: list, cancel: CancelToken | None) -> Iterator[ScanRow]:
+        """Second-order Taylor estimate with the Fisher approximation (Molchanov et al. 2019):
+        removing a set S of channels (or weights) costs about 1/2 B E_b[sum_S (g_b . w)^2],
+        with g_b the gradient of the mean loss of mini-batch b of size B."""
         base = self.report.baseline.loss  # type: ignore[union-attr]
         nan = float("nan")
         for target, ratios in todo:
-            importance = sums[target.name] * scale
+            check(cancel)
+            importance = self._taylor_sums[target.name]
             for ratio in ratios:
                 delta = float(importance[self._removed(target, ratio)].sum())
                 yield ScanRow(target.name, ratio, None, base + delta, nan, nan, estimate=True)
