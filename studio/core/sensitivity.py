@@ -17,10 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
-import queue
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -35,20 +32,14 @@ from studio.core import graph
 from studio.core.data import DataSet
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn, check, report
+from studio.core.masks import MASKABLE, channels_to_prune, nm_view, weight_mask
 from studio.core.models import LoadedModel
-from studio.core.partial_eval import PartialRunner
 from studio.core.paths import cache_dir
-from studio.core.sensitivity_types import NM_GROUP, ScanReport, ScanRow, ScanSettings, ScanTarget
+from studio.core.scan_exact import exact_rows
+from studio.core.sensitivity_types import ScanReport, ScanRow, ScanSettings, ScanTarget
 
 CACHE_VERSION = 1
 TAYLOR_BATCH = 64
-MAX_STORE_BYTES = 1 << 30  # activations kept for reuse across targets
-MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def channels_to_prune(channels: int, ratio: float) -> int:
-    """How many of ``channels`` a ratio removes (floor, never all of them)."""
-    return min(channels - 1, max(0, math.floor(channels * ratio + 1e-9)))
 
 
 class SensitivityScan:
@@ -139,7 +130,7 @@ class SensitivityScan:
             return targets
         for name, mod in module.named_modules():
             if isinstance(mod, MASKABLE) and mod.weight.dim() >= 2:
-                if self.settings.mode == "nm" and _nm_view(mod.weight) is None:
+                if self.settings.mode == "nm" and nm_view(mod.weight) is None:
                     continue  # fewer than 4 input weights per row, or not a multiple of 4
                 n = mod.weight.numel()
                 targets.append(ScanTarget(name, (name,), n, n))
@@ -167,7 +158,7 @@ class SensitivityScan:
         elif self.settings.method == "taylor":
             rows = self._taylor(todo, cancel)
         elif self.settings.method == "exact":
-            rows = self._exact_all(todo, cancel)
+            rows = exact_rows(self, todo, cancel)
         else:
             rows = (row for t, rs in todo for row in self._naive(self.model.module, t, rs, cancel))
         for row in rows:
@@ -227,94 +218,6 @@ class SensitivityScan:
             self._targets[key] = scores.detach().double().cpu().numpy()
         return self._targets[key]  # type: ignore[return-value]
 
-    # ---- exact: in place on replicas, partial recompute ------------------------------------
-
-    def _exact_all(self, todo: list, cancel: CancelToken | None) -> Iterator[ScanRow]:
-        if self.settings.mode == "structured":
-            for target, _ in todo:
-                self._channel_scores(target)  # computed once, before any thread starts
-        store = self._frontier_store(todo)
-        workers = min(self.workers, len(todo))
-        if workers == 1:
-            replica = _Replica(self)
-            for target, ratios in todo:
-                yield from self._exact(replica, target, ratios, store, cancel)
-            return
-        yield from _parallel(self, todo, store, cancel, workers)
-
-    def _exact(
-        self,
-        replica: _Replica,
-        target: ScanTarget,
-        ratios: list[float],
-        store: list[dict[str, torch.Tensor]] | None,
-        cancel: CancelToken | None,
-    ) -> Iterator[ScanRow]:
-        if self._needs_copy(target):  # Torch-Pruning replaces bare parameters: prune a copy
-            yield from self._naive(replica.module, target, ratios, cancel)
-            return
-        region = replica.runner.region(target.layers)
-        names = set(region.frontier_names)
-        xs = [x for x, _ in self._batches]
-        with torch.inference_mode():
-            if store is not None and names <= set(store[0]):
-                frontier = [{n: values[n] for n in names} for values in store]
-
-                def outputs() -> list[torch.Tensor]:
-                    return [region.forward_named(f, x) for f, x in zip(frontier, xs)]
-            else:
-                computed = [region.frontier_values(x) for x in xs]
-
-                def outputs() -> list[torch.Tensor]:
-                    return [region.forward(f) for f in computed]
-
-        for ratio in ratios:
-            check(cancel)
-            try:
-                with _InPlace(self, replica, target, ratio), torch.inference_mode():
-                    try:
-                        result = outputs()
-                    except Exception:  # the traced graph holds shapes the pruning changed
-                        result = [replica.module(x) for x in xs]
-                row = self._row(target.name, ratio, result)
-            except Exception as exc:
-                row = self._failed(target, ratio, exc)
-            yield row
-
-    def _frontier_store(self, todo: list) -> list[dict[str, torch.Tensor]] | None:
-        """Activations entering every target's region, computed in one pass and shared,
-        or None when they would take more than MAX_STORE_BYTES (then each target computes its
-        own)."""
-        runner = PartialRunner(self.model.module)
-        if not runner.traced:
-            return None
-        names: set[str] = set()
-        for target, _ in todo:
-            region = runner.region(target.layers)
-            if not region.full:
-                names.update(region.frontier_names)
-        if not names:
-            return None
-        store = []
-        with torch.inference_mode():
-            for i, (x, _) in enumerate(self._batches):
-                store.append(runner.node_values(x, names))
-                if i == 0:
-                    size = sum(
-                        v.numel() * v.element_size()
-                        for v in store[0].values()
-                        if isinstance(v, torch.Tensor)
-                    )
-                    if size * len(self.data) / max(1, len(x)) > MAX_STORE_BYTES:
-                        return None
-        return store
-
-    def _needs_copy(self, target: ScanTarget) -> bool:
-        if self.settings.mode != "structured":
-            return False
-        group = self._targets[target.name]
-        return any(not isinstance(dep.target.module, nn.Module) for dep, _ in group)
-
     # ---- naive: copy, prune, evaluate everything ------------------------------------------
 
     def _naive(
@@ -349,25 +252,6 @@ class SensitivityScan:
         root = mods[target.name]
         handler = dg.get_pruner_of_module(root).prune_out_channels
         dg.get_pruning_group(root, handler, self._pruned_indices(target, ratio)).prune()
-
-    def _mask(self, weight: torch.Tensor, ratio: float) -> torch.Tensor:
-        """Keep-mask (1 = keep) removing the smallest weights: a fraction, or N of every 4."""
-        magnitude = weight.detach().abs()
-        if self.settings.criterion == "l2":
-            magnitude = magnitude * magnitude
-        if self.settings.mode == "nm":
-            view = _nm_view(magnitude)
-            assert view is not None
-            zeros = round(ratio * NM_GROUP)
-            order = view.argsort(dim=-1, stable=True)
-            keep = torch.ones_like(view)
-            keep.scatter_(-1, order[..., :zeros], 0.0)
-            return _nm_unview(keep, weight.shape)
-        k = math.floor(weight.numel() * ratio + 1e-9)
-        flat = magnitude.flatten()
-        keep = torch.ones_like(flat)
-        keep[flat.argsort(stable=True)[:k]] = 0.0
-        return keep.view_as(weight)
 
     # ---- taylor: first-order estimate -----------------------------------------------------
 
@@ -439,6 +323,10 @@ class SensitivityScan:
         weight = dict(self.model.module.named_modules())[target.name].weight
         return (self._mask(weight, ratio) == 0).flatten()
 
+    def _mask(self, weight: torch.Tensor, ratio: float) -> torch.Tensor:
+        """Keep-mask (1 = keep) of ``weight`` at ``ratio`` for this scan's mode and criterion."""
+        return weight_mask(weight, ratio, self.settings.mode, self.settings.criterion)
+
     # ---- cache ----------------------------------------------------------------------------
 
     def _cache_file(self) -> Path:
@@ -472,145 +360,6 @@ class SensitivityScan:
         tmp = self._cache_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"version": CACHE_VERSION, "rows": rows}))
         os.replace(tmp, self._cache_path)
-
-
-class _Replica:
-    """A private copy of the model with its own dependency graph and traced graph."""
-
-    def __init__(self, scan: SensitivityScan) -> None:
-        self.module = copy.deepcopy(scan.model.module).eval()
-        self.graph = None
-        self.groups: dict[str, object] = {}
-        if scan.settings.mode == "structured":
-            x = scan.model.example_input()
-            outputs = graph.output_layers(self.module, x)
-            self.graph, groups = graph.traced_groups(self.module, x, ignored=outputs)
-            self.groups = {info.root: group for info, group in groups}
-        self.runner = PartialRunner(self.module)
-
-
-class _InPlace:
-    """Prune a target of a replica for the duration of a ``with`` block, then restore it."""
-
-    def __init__(self, scan: SensitivityScan, replica: _Replica, target: ScanTarget, ratio: float):
-        self.scan, self.replica, self.target, self.ratio = scan, replica, target, ratio
-        self.saved: list = []
-
-    def __enter__(self) -> None:
-        scan, target = self.scan, self.target
-        if scan.settings.mode != "structured":
-            weight = dict(self.replica.module.named_modules())[target.name].weight
-            self.saved = [(weight, weight.detach().clone())]
-            with torch.no_grad():
-                weight.mul_(scan._mask(weight, self.ratio))
-            return
-        group = self.replica.groups[target.name]
-        root = group[0].dep.target.module  # type: ignore[index]
-        pruning = self.replica.graph.get_pruning_group(  # type: ignore[union-attr]
-            root,
-            group[0].dep.handler,
-            scan._pruned_indices(target, self.ratio),  # type: ignore[index]
-        )
-        for mod in {id(d.target.module): d.target.module for d, _ in pruning}.values():
-            if isinstance(mod, nn.Module):
-                self.saved.append((mod, _snapshot(mod)))
-        pruning.prune(record_history=False)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.scan.settings.mode != "structured":
-            with torch.no_grad():
-                for weight, original in self.saved:
-                    weight.copy_(original)
-            return
-        for mod, state in self.saved:
-            _restore(mod, state)
-
-
-_DONE = object()
-
-
-def _parallel(
-    scan: SensitivityScan,
-    todo: list,
-    store: list[dict[str, torch.Tensor]] | None,
-    cancel: CancelToken | None,
-    workers: int,
-) -> Iterator[ScanRow]:
-    """Targets pulled from a queue by ``workers`` threads, each with its own replica and one
-    torch thread (small convolutions scale better across replicas than across threads)."""
-    tasks: queue.Queue = queue.Queue()
-    for item in todo:
-        tasks.put(item)
-    results: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    replicas = [_Replica(scan) for _ in range(workers)]
-
-    def work(replica: _Replica) -> None:
-        try:
-            while not stop.is_set():
-                try:
-                    target, ratios = tasks.get_nowait()
-                except queue.Empty:
-                    break
-                for row in scan._exact(replica, target, ratios, store, cancel):
-                    results.put(row)
-                    if stop.is_set():
-                        break
-        except BaseException as exc:  # handed to the caller's thread
-            results.put(exc)
-        finally:
-            results.put(_DONE)
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in replicas]
-    for t in threads:
-        t.start()
-    try:
-        running = len(threads)
-        while running:
-            item = results.get()
-            if item is _DONE:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-        torch.set_num_threads(previous)
-
-
-def _snapshot(mod: nn.Module) -> dict:
-    attrs = {
-        k: v for k, v in mod.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")
-    }
-    return {"attrs": attrs, "params": dict(mod._parameters), "buffers": dict(mod._buffers)}
-
-
-def _restore(mod: nn.Module, state: dict) -> None:
-    mod.__dict__.update(state["attrs"])
-    mod._parameters.clear()
-    mod._parameters.update(state["params"])
-    mod._buffers.clear()
-    mod._buffers.update(state["buffers"])
-
-
-def _nm_view(weight: torch.Tensor) -> torch.Tensor | None:
-    """Weights as (..., groups, 4) along the input dimension (channels-last for convs)."""
-    w = weight.movedim(1, -1) if weight.dim() > 2 else weight
-    if w.shape[-1] % NM_GROUP:
-        return None
-    return w.reshape(*w.shape[:-1], w.shape[-1] // NM_GROUP, NM_GROUP)
-
-
-def _nm_unview(view: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if len(shape) > 2:
-        moved = (shape[0], *shape[2:], shape[1])
-        return view.reshape(moved).movedim(-1, 1)
-    return view.reshape(shape)
 
 
 def scan(
