@@ -190,6 +190,7 @@ def _parallel(
     replicas = [Replica(scan) for _ in range(workers)]
 
     def work(replica: Replica) -> None:
+        torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
         try:
             while not stop.is_set():
                 try:
