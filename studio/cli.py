@@ -1,4 +1,5 @@
-"""Headless command line: ``studio info | eval | gui``. Uses studio.core only (gui is lazy)."""
+"""Headless command line: ``studio info | eval | scan | gui``. Uses studio.core only (the gui
+is imported lazily)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from collections.abc import Sequence
 
 from studio.core.errors import StudioError
+
+GUI_TABS = ("layers", "sensitivity", "sparsity")  # studio.ui.main_window.TABS
 
 
 class TerminalProgress:
@@ -99,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(gui, required=False)
     gui.add_argument(
         "--screenshot", metavar="FILE.png", help="load, render the window to FILE.png and exit"
+    )
+    gui.add_argument("--tab", choices=GUI_TABS, help="the tab to show first")
+    gui.add_argument(
+        "--scan",
+        action="store_true",
+        help="start a sensitivity scan (exact, structured) once the model and data are loaded",
     )
     return parser
 
@@ -270,7 +279,7 @@ def _scan_json(result, metric: str) -> dict:
 def cmd_gui(args: argparse.Namespace) -> int:
     from studio.ui.app import run_gui
 
-    return run_gui(args.model, args.data, screenshot=args.screenshot)
+    return run_gui(args.model, args.data, screenshot=args.screenshot, tab=args.tab, scan=args.scan)
 
 
 COMMANDS = {"info": cmd_info, "eval": cmd_eval, "scan": cmd_scan, "gui": cmd_gui}

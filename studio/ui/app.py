@@ -65,9 +65,16 @@ def _display_available() -> bool:
 
 
 def run_gui(
-    model_spec: str | None = None, data_spec: str | None = None, screenshot: str | None = None
+    model_spec: str | None = None,
+    data_spec: str | None = None,
+    screenshot: str | None = None,
+    tab: str | None = None,
+    scan: bool = False,
 ) -> int:
     """Open the studio, optionally with a model and data; return the exit status.
+
+    ``tab`` is the tab shown first; ``scan`` starts a sensitivity scan with the default
+    settings as soon as the model and data are in (and shows the Sensitivity tab).
 
     With ``screenshot``, no dialogs are shown: once every job has ended the window is saved
     to that PNG file and the function returns 0, or 1 with a one-line message on stderr if
@@ -89,6 +96,10 @@ def run_gui(
         print(f"warning: {problem}", file=sys.stderr)
         window.session.log(problem, WARNING)
     window.show()
+    if tab or scan:
+        window.show_tab(tab or "sensitivity")
+    if scan:
+        window.sensitivity.start_when_ready()
     if model_spec:
         window.open_model(model_spec)
     if data_spec:

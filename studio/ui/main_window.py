@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QMenu,
     QMessageBox,
+    QTabWidget,
     QWidget,
 )
 
@@ -25,8 +26,10 @@ from studio.ui.layer_table import LayerTablePanel
 from studio.ui.log_panel import LogPanel
 from studio.ui.progress import JobProgressWidget
 from studio.ui.runner import JobRunner
+from studio.ui.sensitivity_panel import SensitivityPanel
 from studio.ui.session import Session
 from studio.ui.settings import RecentFiles, is_model_file, studio_settings
+from studio.ui.sparsity_panel import SparsityPanel
 from studio.ui.summary import SummaryPanel
 from studio.ui.workflow import ARCH, ModelRequest, Workflow
 
@@ -34,6 +37,7 @@ MODEL_FILTER = "Models (*.pt *.pth *.pt2 *.onnx *.ts);;All files (*)"
 DATA_FILTER = "Arrays (*.npz)"
 DEFAULT_SIZE = (1280, 800)
 STATE_VERSION = 1
+TABS = ("layers", "sensitivity", "sparsity")
 
 
 class MainWindow(QMainWindow):
@@ -62,7 +66,16 @@ class MainWindow(QMainWindow):
         self.workflow.needs_fact.connect(self._on_needs_fact)
 
         self.table = LayerTablePanel(self.session)
-        self.setCentralWidget(self.table)
+        self.sensitivity = SensitivityPanel(self.session, self.runner)
+        self.sparsity = SparsityPanel(self.session, self.runner)
+        for panel in (self.sensitivity, self.sparsity):
+            panel.error.connect(self._on_error)
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(self.table, "Layers")
+        self.tabs.addTab(self.sensitivity, "Sensitivity")
+        self.tabs.addTab(self.sparsity, "Sparsity")
+        self.setCentralWidget(self.tabs)
         self.summary = SummaryPanel(self.session)
         self.log_panel = LogPanel(self.session)
         self.summary_dock = self._dock(
@@ -97,6 +110,14 @@ class MainWindow(QMainWindow):
 
     def open_data(self, spec: str) -> None:
         self.workflow.open_data(spec)
+
+    def show_tab(self, name: str) -> None:
+        """Bring the tab ``layers``, ``sensitivity`` or ``sparsity`` to the front."""
+        for i in range(self.tabs.count()):
+            if self.tabs.tabText(i).lower() == name.lower():
+                self.tabs.setCurrentIndex(i)
+                return
+        raise ValueError(f"no tab named {name!r}: choose one of {', '.join(TABS)}")
 
     def open_model_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open model", self._last_dir(), MODEL_FILTER)
@@ -137,6 +158,11 @@ class MainWindow(QMainWindow):
         file_menu.addSeparator()
         self._action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         view_menu = self.menuBar().addMenu("&View")
+        for i, name in enumerate(TABS, 1):
+            self._action(view_menu, f"&{name.title()}", partial(self.show_tab, name)).setShortcut(
+                QKeySequence(f"Ctrl+{i}")
+            )
+        view_menu.addSeparator()
         view_menu.addAction(self.summary_dock.toggleViewAction())
         view_menu.addAction(self.log_dock.toggleViewAction())
 

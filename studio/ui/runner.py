@@ -1,6 +1,8 @@
 """The job runner: the only place in the studio where background threads start.
 
-A job is a plain core call ``fn(progress, cancel)`` run on a ``QThreadPool`` thread. The worker
+A job is a plain core call ``fn(progress, cancel)`` run on a ``QThreadPool`` thread; a stream
+job is a core generator ``gen(progress, cancel)`` whose items reach the GUI as ``partial``
+signals (one row, one epoch) and whose ``return`` value is the job's result. The worker
 never touches a widget: it emits the runner's private signals, which Qt queues to the GUI thread
 (the runner lives there); the runner updates the :class:`Job` and re-emits its public signals,
 so every slot connected to the runner runs on the GUI thread.
@@ -13,7 +15,7 @@ import logging
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +93,7 @@ class JobRunner(QObject):
 
     started = Signal(object)  # job
     progress = Signal(object, float, str, object)  # job, fraction, message, eta seconds | None
+    partial = Signal(object, object)  # job, one item yielded by a stream job
     finished = Signal(object, object)  # job, result
     failed = Signal(object, str)  # job, one-line message
     cancelled = Signal(object)  # job
@@ -98,6 +101,7 @@ class JobRunner(QObject):
 
     # emitted from worker threads; queued to the GUI thread because the runner lives there
     _worker_progress = Signal(object, float, str, object)
+    _worker_partial = Signal(object, object)
     _worker_done = Signal(object, str, object, object, str)  # job, state, result, error, traceback
 
     def __init__(self, parent: QObject | None = None, max_threads: int = 4) -> None:
@@ -107,6 +111,7 @@ class JobRunner(QObject):
         self._jobs: list[Job] = []
         self._closed = False
         self._worker_progress.connect(self._on_worker_progress)
+        self._worker_partial.connect(self._on_worker_partial)
         self._worker_done.connect(self._on_worker_done)
         _runners.add(self)
 
@@ -123,9 +128,30 @@ class JobRunner(QObject):
 
     def start(self, name: str, fn: Callable[[ProgressFn, CancelToken], Any]) -> Job:
         """Run ``fn(progress, cancel)`` in the background and return its :class:`Job`."""
+        return self._submit(Job(name), fn)
+
+    def start_stream(
+        self, name: str, gen: Callable[[ProgressFn, CancelToken], Iterator[Any]]
+    ) -> Job:
+        """Run the generator ``gen(progress, cancel)``: each item it yields is emitted as
+        ``partial(job, item)`` on the GUI thread; what it returns is the job's result."""
+
+        def drain(progress: ProgressFn, cancel: CancelToken) -> Any:
+            items = gen(progress, cancel)
+            while True:
+                try:
+                    item = next(items)
+                except StopIteration as stop:
+                    return stop.value
+                cancel.check()
+                self._worker_partial.emit(job, item)
+
+        job = Job(name)  # made before the thread starts: ``drain`` emits with it
+        return self._submit(job, drain)
+
+    def _submit(self, job: Job, fn: Callable[[ProgressFn, CancelToken], Any]) -> Job:
         if self._closed:
             raise RuntimeError("the job runner has been shut down")
-        job = Job(name)
         self._jobs.append(job)
         self._pool.start(lambda: self._execute(job, fn))
         self.started.emit(job)
@@ -187,6 +213,12 @@ class JobRunner(QObject):
             return
         job.fraction, job.message, job.eta = fraction, message, eta  # type: ignore[assignment]
         self.progress.emit(job, fraction, message, eta)
+
+    @Slot(object, object)
+    def _on_worker_partial(self, job: Job, item: object) -> None:
+        if job.done or self._closed or job.token.cancelled:
+            return
+        self.partial.emit(job, item)
 
     @Slot(object, str, object, object, str)
     def _on_worker_done(

@@ -8,6 +8,7 @@ The session holds plain core values (``LoadedModel``, ``DataSet``, ``Inventory``
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, Signal
@@ -81,6 +82,11 @@ class Session(QObject):
     def set_evaluation(self, evaluation: EvalResult | None) -> None:
         self._evaluation = evaluation
         self.evaluation_changed.emit(evaluation)
+
+    def input_files(self) -> tuple[Path, ...]:
+        """Files the user opened: nothing the studio saves may overwrite them."""
+        model = self._model
+        return (model.path,) if model is not None and model.path is not None else ()
 
     def log(self, text: str, level: str = INFO) -> None:
         """Add a line to the session log (shown by the log panel, timestamped)."""

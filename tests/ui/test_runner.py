@@ -120,3 +120,44 @@ def test_estimate_eta_and_error_message() -> None:
     assert error_message(StudioError("one\ntwo")) == "one"
     assert error_message(KeyError("k")) == "Unexpected error: KeyError: 'k'"
     assert error_message(RuntimeError()) == "Unexpected error: RuntimeError"
+
+
+def test_stream_items_arrive_in_order_then_the_return_value(qtbot, runner: JobRunner) -> None:
+    items: list[tuple[int, bool]] = []
+    gui = threading.current_thread()
+    runner.partial.connect(
+        lambda job, item: items.append((item, threading.current_thread() is gui))
+    )
+
+    def rows(progress, cancel):  # type: ignore[no-untyped-def]
+        for i in range(50):
+            progress(i / 50)
+            yield i
+        return "all rows"
+
+    with qtbot.waitSignal(runner.finished, timeout=5000) as blocker:
+        job = runner.start_stream("rows", rows)
+    assert blocker.args == [job, "all rows"]
+    assert [i for i, _ in items] == list(range(50)) and all(on_gui for _, on_gui in items)
+
+
+def test_cancelled_stream_stops_and_emits_nothing_more(qtbot, runner: JobRunner) -> None:
+    items: list[int] = []
+    runner.partial.connect(lambda job, item: items.append(item))
+    produced: list[int] = []
+
+    def endless(progress, cancel):  # type: ignore[no-untyped-def]
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+            time.sleep(0.01)
+
+    job = runner.start_stream("endless", endless)
+    qtbot.waitUntil(lambda: len(items) >= 3, timeout=5000)
+    with qtbot.waitSignal(runner.cancelled, timeout=5000):
+        job.cancel()
+    count = len(items)
+    qtbot.wait(100)
+    assert job.state == CANCELLED and len(items) == count and count <= len(produced)
