@@ -13,21 +13,35 @@ WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 @dataclass(frozen=True)
 class ChannelNorms:
-    """Norm of each output channel's weights of one layer (small = weak channel)."""
+    """Norm and fraction of zero weights of each output channel of one layer."""
 
     layer: str
-    norms: np.ndarray  # (out_channels,)
-    sparsity: float  # fraction of exact zeros in the layer's weight
+    norms: np.ndarray  # (out_channels,): small = weak channel
+    sparsity: float  # fraction of exact zeros in the layer's whole weight
+    zeros: np.ndarray  # (out_channels,): fraction of exact zeros in each channel's weights
+
+    @property
+    def dead(self) -> int:
+        """Channels whose weights are all zero (already pruned in effect)."""
+        return int((self.zeros >= 1.0).sum())
 
 
 def channel_norms(module: nn.Module, p: int = 2) -> list[ChannelNorms]:
-    """Per-output-channel L1 or L2 norms of every conv and linear layer, in model order."""
+    """Per-output-channel L1 or L2 norms and zeros of every conv and linear layer, in model
+    order."""
     result = []
     with torch.no_grad():
         for name, mod in module.named_modules():
             if isinstance(mod, WEIGHTED):
                 w = mod.weight.detach().float().reshape(mod.weight.shape[0], -1)
                 norms = w.abs().sum(1) if p == 1 else w.pow(2).sum(1).sqrt()
-                zeros = float((w == 0).float().mean())
-                result.append(ChannelNorms(name, norms.cpu().numpy(), zeros))
+                zero = (w == 0).float()
+                result.append(
+                    ChannelNorms(
+                        name,
+                        norms.cpu().numpy(),
+                        float(zero.mean()),
+                        zero.mean(1).cpu().numpy(),
+                    )
+                )
     return result

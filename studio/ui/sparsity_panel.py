@@ -1,8 +1,9 @@
 """The Sparsity tab: how sparse each layer already is, and which of its channels are weak.
 
-Two heatmaps share the layer rows: the fraction of exact zeros per layer, and the norm of
-every output channel (relative to the layer's strongest channel by default, so weak channels
-stand out in layers of any scale).
+One heatmap, rows are layers and columns output channels, shows either the norm of every
+channel (relative to the layer's strongest by default, so weak channels stand out in layers of
+any scale) or the fraction of exact zeros in each channel's weights (a pruned or dead channel
+is 100 %). Each layer's overall sparsity is in the hover text and the CSV.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
-    QSplitter,
     QVBoxLayout,
     QWidget,
 )
@@ -34,18 +34,23 @@ from studio.ui.session import ERROR, Session
 
 WEAK = 0.1  # a channel below this fraction of its layer's strongest is called weak
 NORMS = {"L2 norm": 2, "L1 norm": 1}
-SCALES = ("relative to the layer's strongest channel", "absolute")
-SPARSITY_MAP = pg.ColorMap([0.0, 1.0], ["#f7fbff", "#08306b"])
+RELATIVE, ABSOLUTE, ZEROS = "relative norm", "absolute norm", "zeros (%)"
+VIEWS = (RELATIVE, ABSOLUTE, ZEROS)
+ZEROS_MAP = pg.ColorMap([0.0, 1.0], ["#f7fbff", "#08306b"])
+NORM_MAP = pg.colormap.get("viridis")
 
 
-def norm_matrix(layers: list[ChannelNorms], relative: bool) -> np.ndarray:
-    """Layers x channels (padded with NaN to the widest layer)."""
+def channel_matrix(layers: list[ChannelNorms], view: str) -> np.ndarray:
+    """Layers x channels for one of ``VIEWS`` (padded with NaN to the widest layer)."""
     width = max((len(c.norms) for c in layers), default=0)
     grid = np.full((len(layers), width), np.nan)
     for i, c in enumerate(layers):
+        if view == ZEROS:
+            grid[i, : len(c.zeros)] = c.zeros * 100.0
+            continue
         norms = c.norms.astype(float)
         top = norms.max() if norms.size else 0.0
-        grid[i, : len(norms)] = norms / top if relative and top > 0 else norms
+        grid[i, : len(norms)] = norms / top if view == RELATIVE and top > 0 else norms
     return grid
 
 
@@ -67,33 +72,29 @@ class SparsityPanel(QWidget):
         self.job: Job | None = None
         self.norm = narrow_combo()
         self.norm.addItems(list(NORMS))
-        self.scale = narrow_combo(12)
-        self.scale.addItems(list(SCALES))
+        self.norm.setToolTip("How a channel's strength is measured")
+        self.view = narrow_combo(12)
+        self.view.addItems(list(VIEWS))
+        self.view.setToolTip("What the colour shows")
         self.status = QLabel("Open a model to see its sparsity and channel norms.")
         self.status.setWordWrap(True)
         self.save_png_button = QPushButton("Save PNG…")
         self.save_csv_button = QPushButton("Save CSV…")
         controls = QHBoxLayout()
-        controls.addWidget(QLabel("Channel"))
+        controls.addWidget(QLabel("Show"))
+        controls.addWidget(self.view)
+        controls.addWidget(QLabel("Norm"))
         controls.addWidget(self.norm)
-        controls.addWidget(self.scale)
         controls.addWidget(self.status, 1)
         controls.addWidget(self.save_png_button)
         controls.addWidget(self.save_csv_button)
-        self.zeros = HeatmapView("zeros (%)", SPARSITY_MAP)
-        self.zeros.set_describer(self._describe_zeros)
-        self.norms = HeatmapView("channel norm", pg.colormap.get("viridis"))
-        self.norms.set_describer(self._describe_norm)
-        self.splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.splitter.addWidget(self.zeros)
-        self.splitter.addWidget(self.norms)
-        self.splitter.setStretchFactor(0, 1)
-        self.splitter.setStretchFactor(1, 4)
+        self.heatmap = HeatmapView(RELATIVE, NORM_MAP)
+        self.heatmap.set_describer(self._describe)
         layout = QVBoxLayout(self)
         layout.addLayout(controls)
-        layout.addWidget(self.splitter, 1)
+        layout.addWidget(self.heatmap, 1)
         self.norm.currentIndexChanged.connect(self.refresh)
-        self.scale.currentIndexChanged.connect(self._show)
+        self.view.currentIndexChanged.connect(self._show)
         self.save_png_button.clicked.connect(self._ask_save_png)
         self.save_csv_button.clicked.connect(self._ask_save_csv)
         runner.finished.connect(self._on_finished)
@@ -131,62 +132,69 @@ class SparsityPanel(QWidget):
 
     def _show(self, *_args: object) -> None:
         names = [c.layer for c in self.layers]
-        relative = self.scale.currentIndex() == 0
-        zeros = np.array([[c.sparsity * 100.0] for c in self.layers]).reshape(len(names), 1)
-        self.zeros.set_matrix(names, ["zeros"], zeros, levels=(0.0, 100.0), column_title="")
-        grid = norm_matrix(self.layers, relative)
+        view = self.view.currentText()
+        grid = channel_matrix(self.layers, view)
+        label = {
+            RELATIVE: f"{self.norm.currentText()} ÷ layer's strongest",
+            ABSOLUTE: self.norm.currentText(),
+            ZEROS: "zeros in the channel (%)",
+        }[view]
+        self.heatmap.bar.setColorMap(ZEROS_MAP if view == ZEROS else NORM_MAP)
+        self.heatmap.bar.setLabel("left", label)
+        levels = {RELATIVE: (0.0, 1.0), ZEROS: (0.0, 100.0)}.get(view)
         columns = [str(j) for j in range(grid.shape[1])]
-        self.norms.bar.setLabel(
-            "left", f"{self.norm.currentText()}" + (" (÷ strongest)" if relative else "")
-        )
-        self.norms.set_matrix(
-            names,
-            columns,
-            grid,
-            levels=(0.0, 1.0) if relative else None,
-            column_title="output channel",
-        )
+        self.heatmap.set_matrix(names, columns, grid, levels, column_title="output channel")
         if self.layers:
             weak = sum(weak_count(c) for c in self.layers)
+            dead = sum(c.dead for c in self.layers)
             total = sum(len(c.norms) for c in self.layers)
-            zeros_total = np.mean([c.sparsity for c in self.layers])
+            sparsity = float(np.mean([c.sparsity for c in self.layers]))
             self.status.setText(
-                f"{len(self.layers)} layers, {total:,} channels; {weak:,} weak (below "
-                f"{WEAK:.0%} of their layer's strongest); mean sparsity {zeros_total:.1%}"
+                f"{len(self.layers)} layers, {total:,} channels: {weak:,} weak (below "
+                f"{WEAK:.0%} of their layer's strongest), {dead:,} all zero; "
+                f"mean layer sparsity {sparsity:.1%}"
             )
         elif self.session.model is None:
             self.status.setText("Open a model to see its sparsity and channel norms.")
         self._update_buttons()
 
-    def _describe_zeros(self, row: int, _column: int) -> str:
+    def _describe(self, row: int, column: int) -> str:
         c = self.layers[row]
-        return f"{c.layer}\n{c.sparsity:.2%} of its weights are exactly zero"
-
-    def _describe_norm(self, row: int, column: int) -> str:
-        c = self.layers[row]
+        layer = (
+            f"{c.layer}: {c.sparsity:.2%} of its weights are zero, {weak_count(c)} weak channels"
+        )
         if column >= len(c.norms):
-            return f"{c.layer} has {len(c.norms)} output channels"
+            return f"{layer}\nit has {len(c.norms)} output channels"
         top = float(c.norms.max())
         value = float(c.norms[column])
         share = f" ({value / top:.1%} of the strongest)" if top > 0 else ""
         return (
-            f"{c.layer} channel {column} of {len(c.norms)}\n"
-            f"{self.norm.currentText()} {value:.4g}{share}\n"
-            f"{weak_count(c)} weak channels in this layer"
+            f"{layer}\nchannel {column} of {len(c.norms)}: {self.norm.currentText()} "
+            f"{value:.4g}{share}, {c.zeros[column]:.1%} zeros"
         )
 
     def csv(self) -> str:
-        """One line per (layer, channel): layer, channel, norm, relative norm, layer sparsity."""
+        """One line per (layer, channel): norm, relative norm, channel zeros, layer sparsity."""
         lines = []
         for c in self.layers:
             top = float(c.norms.max()) if c.norms.size else 0.0
             for j, value in enumerate(c.norms):
                 rel = float(value) / top if top > 0 else 0.0
-                lines.append([c.layer, j, repr(float(value)), repr(rel), repr(c.sparsity)])
-        return charts.csv_text(["layer", "channel", "norm", "relative_norm", "sparsity"], lines)
+                lines.append(
+                    [
+                        c.layer,
+                        j,
+                        repr(float(value)),
+                        repr(rel),
+                        repr(float(c.zeros[j])),
+                        repr(c.sparsity),
+                    ]
+                )
+        header = ["layer", "channel", "norm", "relative_norm", "channel_zeros", "layer_sparsity"]
+        return charts.csv_text(header, lines)
 
     def save_png(self, path: str | Path) -> Path:
-        return charts.save_png(self.splitter, path, self.session.input_files())
+        return charts.save_png(self.heatmap, path, self.session.input_files())
 
     def save_csv(self, path: str | Path) -> Path:
         if not self.layers:
