@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from studio.ui import format as fmt
 from studio.ui.main_window import MainWindow
 from studio.ui.session import DETAIL, ERROR
@@ -52,3 +54,23 @@ def test_number_formats() -> None:
     assert fmt.file_size(1_100_000) == "1.0 MiB"
     assert fmt.shape((1, 16, 32, 32)) == "1×16×32×32"
     assert fmt.duration(125) == "2 min 05 s" and fmt.duration(None) == ""
+
+
+def test_tabs_and_view_menu(qtbot) -> None:
+    window = MainWindow(interactive=False)
+    qtbot.addWidget(window)
+    window.show()
+    assert [window.tabs.tabText(i) for i in range(window.tabs.count())] == [
+        "Layers",
+        "Sensitivity",
+        "Sparsity",
+    ]
+    window.show_tab("sparsity")
+    assert window.tabs.currentWidget() is window.sparsity
+    view = next(a for a in window.menuBar().actions() if a.text() == "&View").menu()
+    next(a for a in view.actions() if a.text() == "&Sensitivity").trigger()
+    assert window.tabs.currentWidget() is window.sensitivity
+    with pytest.raises(ValueError, match="no tab named"):
+        window.show_tab("latency")
+    assert not window.sensitivity.start_button.isEnabled()  # nothing loaded yet
+    window.close()

@@ -1,0 +1,70 @@
+"""The heatmap widget on its own, and the Sparsity tab on a model with pruned channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from studio.core.models import load_model
+from studio.core.sparsity import channel_norms
+from studio.ui.heatmap import HeatmapView
+from studio.ui.runner import JobRunner
+from studio.ui.session import Session
+from studio.ui.sparsity_panel import ABSOLUTE, RELATIVE, ZEROS, SparsityPanel
+
+
+def test_heatmap_keeps_data_order_apart_from_display_order(qtbot) -> None:
+    view = HeatmapView("drop")
+    qtbot.addWidget(view)
+    values = np.array([[0.1, np.nan], [0.5, 0.7], [0.0, 0.2]])
+    view.set_matrix(["a", "b", "c"], ["0.1", "0.2"], values)
+    assert view.levels() == (0.0, 0.7)
+    assert view.describe(0, 1) == "a @ 0.2: not measured yet"
+    view.set_order([1, 2, 0])
+    assert view.csv().splitlines() == ["layer,0.1,0.2", "b,0.5,0.7", "c,0.0,0.2", "a,0.1,"]
+    view.select_row(0)
+    assert view.highlight.isVisible() and view.highlight.rect().top() == 2  # shown last
+    with pytest.raises(ValueError, match="permutation"):
+        view.set_order([0, 0, 1])
+    view.set_matrix(["a", "b", "c"], ["0.1", "0.2"], values * 2)  # same rows: order kept
+    assert view.order == [1, 2, 0]
+    view.set_matrix(["x"], ["0.1", "0.2"], np.array([[1.0, 2.0]]))  # new rows: model order
+    assert view.order == [0] and view.selected == -1
+
+
+def test_sparsity_tab_shows_zeroed_channels(qtbot, tmp_path) -> None:
+    model = load_model("zoo:resnet20")
+    conv = dict(model.module.named_modules())["layers.4.conv1"]
+    with torch.no_grad():
+        conv.weight[:5] = 0  # five dead channels
+        conv.weight[5, 0] = 0  # part of one more
+    session, runner = Session(), JobRunner()
+    panel = SparsityPanel(session, runner)
+    qtbot.addWidget(panel)
+    panel.show()
+    with qtbot.waitSignal(runner.finished, timeout=30_000):
+        session.set_model(model)
+    expected = channel_norms(model.module)
+    names = [c.layer for c in expected]
+    row = names.index("layers.4.conv1")
+    view = panel.heatmap
+    assert view.rows == names
+    assert panel.view.currentText() == RELATIVE
+    assert np.nanmax(view.values, axis=1) == pytest.approx(np.ones(len(names)))
+    np.testing.assert_allclose(view.values[row, :5], 0.0)
+    panel.view.setCurrentText(ZEROS)
+    np.testing.assert_allclose(view.values[row, :5], 100.0)
+    assert 0 < view.values[row, 5] < 100
+    assert np.isnan(view.values[names.index("conv1"), 16:]).all()  # 16 channels, padded
+    assert "5 all zero" in panel.status.text()
+    panel.view.setCurrentText(ABSOLUTE)
+    width = len(expected[row].norms)
+    np.testing.assert_allclose(view.values[row, :width], expected[row].norms, rtol=1e-6)
+    assert "channel 7 of" in view.describe(row, 7) and "weak channels" in view.describe(row, 7)
+
+    lines = panel.save_csv(tmp_path / "norms.csv").read_text().splitlines()
+    assert lines[0] == "layer,channel,norm,relative_norm,channel_zeros,layer_sparsity"
+    assert len(lines) == 1 + sum(len(c.norms) for c in expected)
+    assert panel.save_png(tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
+    runner.shutdown(timeout=10)
