@@ -22,6 +22,7 @@ def test_gui_screenshot_under_xvfb(tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
     env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM"}  # real xcb platform
     env["XDG_CONFIG_HOME"] = str(tmp_path / "config")  # keep the user's settings untouched
+    env["STUDIO_CACHE_DIR"] = str(tmp_path / "cache")  # the scan is measured, not cached
     command = [
         "xvfb-run",
         "-a",
@@ -35,10 +36,11 @@ def test_gui_screenshot_under_xvfb(tmp_path: Path) -> None:
         "demo",
         "--data",
         "demo",
+        "--scan",
         "--screenshot",
         str(shot),
     ]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.exists()
     image = QImage(str(shot))
@@ -47,3 +49,6 @@ def test_gui_screenshot_under_xvfb(tmp_path: Path) -> None:
         image.pixel(x, y) for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)
     }
     assert len(colours) > 10, "the screenshot is a flat colour"
+    # the heatmap's darkest reds (ColorBrewer YlOrRd) are there: the scan ran and was drawn
+    reds = {c for c in colours if (c >> 16) & 255 > 100 and (c >> 8) & 255 < 60 and c & 255 < 60}
+    assert reds, "no sensitive cells drawn in the heatmap"
