@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from studio.core import onnx_import, zoo
+from studio.core import onnx_converters, onnx_import, zoo
 from studio.core.errors import StudioError
 from studio.core.loaders import load_file
 from studio.core.models import ONNX
@@ -67,7 +67,7 @@ def test_weights_in_constant_nodes(tmp_path: Path) -> None:
     ]
     path = save(tmp_path, constants + conv_relu())
     with pytest.raises(KeyError):
-        onnx_import._onnx2torch()(onnx.load(str(path)))  # the plain conversion fails
+        onnx_converters.onnx2torch_convert()(onnx.load(str(path)))  # the plain conversion fails
     loaded = load_file(path)
     assert loaded.kind == ONNX and loaded.input_shape == (1, 3, 8, 8)
     assert loaded.input_names == ("x",) and loaded.output_names == ("y",)
@@ -141,7 +141,7 @@ def test_a_conversion_that_differs_is_refused(
 
 
 def test_torchvision_placeholder_only_inside_onnx2torch() -> None:
-    onnx_import._onnx2torch()
+    onnx_converters.onnx2torch_convert()
     from onnx2torch.node_converters import nms
 
     try:
