@@ -227,6 +227,7 @@ class SensitivityPanel(QWidget):
     def _on_finished(self, job: Job, seconds: object) -> None:
         if job is not self.job or self.report is None:
             return
+        self.session.set_scan(self.report)  # the planner reads its curves
         self.redraw()
         if self.heatmap.selected < 0 and self.report.targets:  # show the worst curve first
             names, _, grid = scan_text.display_matrix(self.report, self.controls.metric_key)

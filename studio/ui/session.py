@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from studio.core.evaluate import EvalResult
     from studio.core.inventory import Inventory
     from studio.core.models import LoadedModel
+    from studio.core.prune import PruneResult
+    from studio.core.sensitivity_types import ScanReport
 
 INFO, WARNING, ERROR, DETAIL = "info", "warning", "error", "detail"
 
@@ -31,6 +33,8 @@ class Session(QObject):
     data_changed = Signal(object)  # DataSet | None
     inventory_changed = Signal(object)  # Inventory | None
     evaluation_changed = Signal(object)  # EvalResult | None
+    scan_changed = Signal(object)  # ScanReport | None: the latest finished sensitivity scan
+    pruned_changed = Signal(object)  # PruneResult | None: the latest pruning of the model
     logged = Signal(float, str, str)  # timestamp, level, text
 
     def __init__(self, parent: QObject | None = None) -> None:
@@ -40,6 +44,8 @@ class Session(QObject):
         self._data: DataSet | None = None
         self._inventory: Inventory | None = None
         self._evaluation: EvalResult | None = None
+        self._scan: ScanReport | None = None
+        self._pruned: PruneResult | None = None
 
     @property
     def model(self) -> LoadedModel | None:
@@ -62,17 +68,28 @@ class Session(QObject):
     def evaluation(self) -> EvalResult | None:
         return self._evaluation
 
+    @property
+    def scan(self) -> ScanReport | None:
+        return self._scan
+
+    @property
+    def pruned(self) -> PruneResult | None:
+        return self._pruned
+
     def set_model(self, model: LoadedModel | None) -> None:
-        """A newly loaded model: its inventory and evaluation are cleared until recomputed."""
+        """A newly loaded model: its inventory, evaluation, scan and pruning are cleared."""
         self._model = model
         self._reference = model.module if model is not None else None
         self.set_inventory(None)
         self.set_evaluation(None)
+        self.set_scan(None)
+        self.set_pruned(None)
         self.model_changed.emit(model)
 
     def set_data(self, data: DataSet | None) -> None:
         self._data = data
         self.set_evaluation(None)
+        self.set_scan(None)
         self.data_changed.emit(data)
 
     def set_inventory(self, inventory: Inventory | None) -> None:
@@ -87,6 +104,15 @@ class Session(QObject):
         """Files the user opened: nothing the studio saves may overwrite them."""
         model = self._model
         return (model.path,) if model is not None and model.path is not None else ()
+
+    def set_scan(self, report: ScanReport | None) -> None:
+        self._scan = report
+        self.scan_changed.emit(report)
+
+    def set_pruned(self, result: PruneResult | None) -> None:
+        """A pruned copy of the model (the loaded model itself never changes); None reverts."""
+        self._pruned = result
+        self.pruned_changed.emit(result)
 
     def log(self, text: str, level: str = INFO) -> None:
         """Add a line to the session log (shown by the log panel, timestamped)."""

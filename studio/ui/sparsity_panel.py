@@ -70,6 +70,7 @@ class SparsityPanel(QWidget):
         self.runner = runner
         self.layers: list[ChannelNorms] = []
         self.job: Job | None = None
+        self.subject = ""  # which model the heatmap shows
         self.norm = narrow_combo()
         self.norm.addItems(list(NORMS))
         self.norm.setToolTip("How a channel's strength is measured")
@@ -100,22 +101,26 @@ class SparsityPanel(QWidget):
         runner.finished.connect(self._on_finished)
         runner.failed.connect(self._on_failed)
         session.model_changed.connect(self.refresh)
+        session.pruned_changed.connect(self.refresh)
         self._update_buttons()
 
     def refresh(self, *_args: object) -> None:
-        """Recompute the norms of the session's model in the background."""
+        """Recompute the norms of the session's model (its pruned copy, once there is one)
+        in the background."""
         if self.job is not None and not self.job.done:
             self.job.cancel()
-        model = self.session.model
+        model, pruned = self.session.model, self.session.pruned
         self.layers = []
         if model is None:
             self._show()
             return
         p = NORMS[self.norm.currentText()]
+        module = pruned.module if pruned is not None else model.module
+        self.subject = "the pruned model" if pruned is not None else model.name
 
         def work(progress: ProgressFn, cancel: CancelToken) -> list[ChannelNorms]:
             progress(0.0, model.name)
-            return channel_norms(model.module, p)
+            return channel_norms(module, p)
 
         self.status.setText("Reading weights…")
         self.job = self.runner.start("Channel norms", work)
@@ -150,8 +155,8 @@ class SparsityPanel(QWidget):
             total = sum(len(c.norms) for c in self.layers)
             sparsity = float(np.mean([c.sparsity for c in self.layers]))
             self.status.setText(
-                f"{len(self.layers)} layers, {total:,} channels: {weak:,} weak (below "
-                f"{WEAK:.0%} of their layer's strongest), {dead:,} all zero; "
+                f"{self.subject}: {len(self.layers)} layers, {total:,} channels: {weak:,} weak "
+                f"(below {WEAK:.0%} of their layer's strongest), {dead:,} all zero; "
                 f"mean layer sparsity {sparsity:.1%}"
             )
         elif self.session.model is None:

@@ -57,7 +57,7 @@ def test_sparsity_tab_shows_zeroed_channels(qtbot, tmp_path) -> None:
     np.testing.assert_allclose(view.values[row, :5], 100.0)
     assert 0 < view.values[row, 5] < 100
     assert np.isnan(view.values[names.index("conv1"), 16:]).all()  # 16 channels, padded
-    assert "5 all zero" in panel.status.text()
+    assert "5 all zero" in panel.status.text() and panel.status.text().startswith("resnet20")
     panel.view.setCurrentText(ABSOLUTE)
     width = len(expected[row].norms)
     np.testing.assert_allclose(view.values[row, :width], expected[row].norms, rtol=1e-6)
