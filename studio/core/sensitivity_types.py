@@ -143,3 +143,36 @@ class ScanReport:
                 ]
             )
         return out.getvalue()
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "scan") -> ScanReport:
+        """Read the JSON written by ``studio scan --out x.json`` (extra keys are ignored)."""
+        row_fields = set(ScanRow.__dataclass_fields__)
+
+        def row(item: dict) -> ScanRow:
+            return ScanRow(**{k: v for k, v in item.items() if k in row_fields})
+
+        if not isinstance(data, dict):
+            raise StudioError(f"{source} is not a sensitivity scan (expected a JSON object)")
+        try:
+            s = data["settings"]
+            settings = ScanSettings(
+                str(s["mode"]),
+                str(s.get("metric") or data.get("metric") or "accuracy"),
+                str(s.get("method", "exact")),
+                tuple(float(r) for r in s["ratios"]),
+                str(s.get("criterion", "l2")),
+                int(s.get("batch_size", 256)),
+            )
+            targets = [
+                ScanTarget(str(t["name"]), tuple(t["layers"]), int(t["size"]), int(t["params"]))
+                for t in data["targets"]
+            ]
+            return cls(settings, targets, row(data["baseline"]), [row(r) for r in data["rows"]])
+        except StudioError as exc:
+            raise StudioError(f"{source}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"missing {exc}" if isinstance(exc, KeyError) else (str(exc) or "?")
+            raise StudioError(
+                f"{source} is not a sensitivity scan written by studio scan: {what.splitlines()[0]}"
+            ) from None
