@@ -66,6 +66,10 @@ def load_file(
     if fmt == EXPORT_ZIP:
         return _load_exported(path, input_shape, trust_pickle)
     obj = _torch_load(path, trust_pickle)
+    from studio.core import pruned_file  # a pruned model saved by the studio (.pt)
+
+    if pruned_file.is_pruned_file(obj):
+        return pruned_file.load_pruned(obj, path, input_shape)
     state = _find_state_dict(obj)
     if isinstance(state, nn.Module):
         return _from_module(state, path, input_shape)
