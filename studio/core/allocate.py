@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.core.costs import CostModel, PlanTarget
+from studio.core.data import DataSet
 from studio.core.drops import DropCurves, drop_curves, load_scan, predicted_drop
 from studio.core.errors import StudioError
 from studio.core.plan import PruningPlan
@@ -66,7 +67,7 @@ def allocate(
     target_fraction: float,
     report: ScanReport | None = None,
     module: nn.Module | None = None,
-    data=None,
+    data: DataSet | None = None,
 ) -> PruningPlan:
     """A copy of ``plan`` whose free ratios bring ``target_kind`` ('params' or 'macs') to
     ``target_fraction`` of the original (0.5 = keep half), chosen by ``strategy``."""
@@ -222,7 +223,7 @@ def _global(
     base: np.ndarray,
     free: np.ndarray,
     module: nn.Module | None,
-    data,
+    data: DataSet | None,
 ) -> tuple[Family, float]:
     from studio.core.importance import normalised_scores
 
@@ -245,7 +246,7 @@ def _curves(
     plan: PruningPlan,
     report: ScanReport | None,
     module: nn.Module | None,
-    data,
+    data: DataSet | None,
 ) -> tuple[DropCurves, str]:
     """Drop curves of the plan's targets, and a note naming targets without one."""
     if cost.method == "blocks":
@@ -319,8 +320,10 @@ def _sensitivity(
     return _family(base, free, ratios, on if on is not None else plan.cap), top
 
 
-def _block_curves(cost: CostModel, module: nn.Module | None, data) -> DropCurves:
-    """Each block's loss increase when it alone is replaced by ``nn.Identity``."""
+def _block_curves(cost: CostModel, module: nn.Module | None, data: DataSet | None) -> DropCurves:
+    """Each block's loss increase when it alone is replaced by its shortcut."""
+    from studio.core.prune_blocks import remove_block
+
     module = module if module is not None else cost.module
     if module is None or data is None or len(data) == 0:
         raise StudioError("allocating blocks by sensitivity needs data to measure them (--data)")
@@ -332,6 +335,6 @@ def _block_curves(cost: CostModel, module: nn.Module | None, data) -> DropCurves
         drops = []
         for target in cost.targets:
             replica = copy.deepcopy(module)
-            replica.set_submodule(target.name, nn.Identity())
+            remove_block(replica, target.name)
             drops.append(max(0.0, float(F.cross_entropy(replica(x), labels)) - base))
     return DropCurves(list(cost.names), np.array([0.0, 1.0]), np.array([[0.0, d] for d in drops]))

@@ -19,13 +19,13 @@ totals before pruning equal :func:`~studio.core.inventory.build_inventory`'s.
   ``floor(size * ratio)`` weights (nm: ``round(4 * ratio)`` of every 4). Parameters after are
   the parameters not zeroed (a dense model is assumed), MACs after are effective sparse MACs:
   each zeroed weight removes the MACs it took part in.
-- ``blocks``: a target is a residual block (see :func:`residual_blocks`); ratio >= 0.5
-  replaces it by ``nn.Identity`` and removes all its parameters and MACs.
+- ``blocks``: a target is a residual block as the engine finds them
+  (:func:`studio.core.prune_blocks.find_blocks`); ratio >= 0.5 replaces it by its shortcut and
+  removes the parameters and MACs of every layer the shortcut does not use.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -252,71 +252,28 @@ def _weights(cost: CostModel, module: nn.Module, x: torch.Tensor, macs: dict[str
     cost._arrays = {"size": np.array(sizes, float), "macs_per_weight": np.array(per_weight)}
 
 
-# ---- blocks: residual blocks replaced by their identity shortcut ----------------------------
+# ---- blocks: residual blocks replaced by their shortcut ------------------------------------
 
 
 def _blocks(cost: CostModel, module: nn.Module, x: torch.Tensor, macs: dict[str, int]) -> None:
+    """The engine's removable blocks (:func:`studio.core.prune_blocks.find_blocks`); removing
+    one takes away every layer its shortcut does not use, with their parameters and MACs."""
+    import copy
+
+    from studio.core.prune_blocks import find_blocks, shortcut_graph
+
     mods = dict(module.named_modules())
     params, block_macs = [], []
-    for name in residual_blocks(module, x):
+    for block in find_blocks(copy.deepcopy(module).eval(), x):  # it swaps blocks in and out
+        name = block.name
+        shortcut = shortcut_graph(mods[name])
+        kept = {f"{name}.{n}" for n, _ in shortcut.named_modules() if n} if shortcut else set()
         inside = [n for n in mods if n == name or n.startswith(name + ".")]
-        p = sum(p.numel() for p in mods[name].parameters())
-        m = sum(macs.get(n, 0) for n in inside)
-        layers = tuple(n for n in inside if _own_params(mods[n]))
-        cost.targets.append(PlanTarget(name, layers, 1, p, m))
-        params.append(p)
+        gone = [n for n in inside if n not in kept]
+        m = sum(macs.get(n, 0) for n in gone)
+        layers = tuple(n for n in gone if _own_params(mods[n]))
+        cost.targets.append(PlanTarget(name, layers, 1, block.params, m))
+        params.append(block.params)
         block_macs.append(m)
     cost.names = [t.name for t in cost.targets]
     cost._arrays = {"params": np.array(params, np.int64), "macs": np.array(block_macs, np.int64)}
-
-
-def residual_blocks(module: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """Blocks that can be removed whole: children of an ``nn.Sequential`` whose output has the
-    shape of their input and whose forward (traced with torch.fx) adds that input, directly or
-    through a parameter-free module such as ``nn.Identity``, to what they compute. Replacing
-    one by ``nn.Identity`` (its shortcut) keeps the model running."""
-    candidates = {
-        child: f"{name}.{child_name}" if name else child_name
-        for name, seq in module.named_modules()
-        if isinstance(seq, nn.Sequential)
-        for child_name, child in seq.named_children()
-        if any(True for _ in child.parameters())
-    }
-    same_shape: set[nn.Module] = set()
-
-    def hook(mod: nn.Module, inputs: tuple, out: object) -> None:
-        first = inputs[0] if inputs else None
-        if isinstance(first, torch.Tensor) and isinstance(out, torch.Tensor):
-            if first.shape == out.shape:
-                same_shape.add(mod)
-
-    handles = [m.register_forward_hook(hook) for m in candidates]
-    try:
-        with torch.no_grad():
-            module(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    names = [name for mod, name in candidates.items() if mod in same_shape and _adds_input(mod)]
-    order = {name: i for i, (name, _) in enumerate(module.named_modules())}
-    return sorted(names, key=order.__getitem__)
-
-
-def _adds_input(block: nn.Module) -> bool:
-    try:
-        traced = torch.fx.symbolic_trace(block)
-    except Exception:  # data-dependent control flow: not a block we can reason about
-        return False
-    nodes = list(traced.graph.nodes)
-    inputs = [n for n in nodes if n.op == "placeholder"][:1]
-    if not inputs:
-        return False
-    passthrough = set(inputs)
-    for node in nodes:
-        if node.op == "call_module" and node.args and node.args[0] in passthrough:
-            if not any(True for _ in traced.get_submodule(str(node.target)).parameters()):
-                passthrough.add(node)
-        if node.op == "call_function" and node.target in (operator.add, torch.add):
-            if any(arg in passthrough for arg in node.args):
-                return True
-    return False

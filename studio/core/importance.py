@@ -20,6 +20,7 @@ from torch import nn
 
 from studio.core import graph
 from studio.core.costs import CostModel
+from studio.core.data import DataSet
 from studio.core.errors import StudioError
 
 GRAD_SAMPLES = 256  # taylor: samples the gradients are averaged over
@@ -27,7 +28,11 @@ GRAD_BATCH = 64
 
 
 def normalised_scores(
-    cost: CostModel, criterion: str, seed: int = 0, module: nn.Module | None = None, data=None
+    cost: CostModel,
+    criterion: str,
+    seed: int = 0,
+    module: nn.Module | None = None,
+    data: DataSet | None = None,
 ) -> dict[str, np.ndarray]:
     """Sorted mean-normalised scores of each target's channels or weights."""
     if cost.method not in ("structured", "unstructured"):
@@ -109,7 +114,7 @@ def _weight_scores(
     return scores
 
 
-def _with_gradients(module: nn.Module, data) -> nn.Module:
+def _with_gradients(module: nn.Module, data: DataSet) -> nn.Module:
     """A copy of ``module`` whose parameters hold the mean loss gradient over a few batches."""
     replica = copy.deepcopy(module).eval()
     x, y = data.x[:GRAD_SAMPLES], None if data.y is None else data.y[:GRAD_SAMPLES]

@@ -14,7 +14,6 @@ from torch import nn
 
 from studio.core import graph
 from studio.core.allocate import CostModel, allocate, load_scan, predicted_drop
-from studio.core.costs import residual_blocks
 from studio.core.data import demo_splits
 from studio.core.errors import StudioError
 from studio.core.inventory import build_inventory
@@ -121,15 +120,15 @@ def test_weight_methods_count_nonzeros_and_sparse_macs(demo, method) -> None:
     assert model_cost.predict(ratios) == (nonzero, macs)
 
 
-def test_blocks_are_identity_residual_blocks(demo) -> None:
-    assert residual_blocks(demo.module, demo.example_input()) == [
-        f"layers.{i}" for i in (0, 1, 2, 4, 5, 7, 8)
-    ]
+def test_blocks_predict_equals_removing_them(demo) -> None:
+    from studio.core.prune_blocks import remove_block
+
     model_cost = CostModel.build(demo, "blocks")
+    assert model_cost.names == [f"layers.{i}" for i in range(9)]
     pruned = copy.deepcopy(demo.module)
-    pruned.layers[1] = nn.Identity()
-    pruned.layers[7] = nn.Identity()
-    ratios = {"layers.1": 1.0, "layers.7": 1.0, "layers.2": 0.2}
+    remove_block(pruned, "layers.3")  # a downsampling block: its 1x1 shortcut stays
+    remove_block(pruned, "layers.7")
+    ratios = {"layers.3": 1.0, "layers.7": 1.0, "layers.2": 0.2}
     assert model_cost.predict(ratios) == measured(demo, pruned)
 
 
@@ -272,5 +271,5 @@ def test_nm_and_blocks_allocation(demo, val64) -> None:
     with pytest.raises(StudioError, match="needs data"):
         allocate(blocks, plan, "sensitivity", "macs", 0.77, module=demo.module)
     result = allocate(blocks, plan, "sensitivity", "macs", 0.77, data=val64)
-    assert sorted(result.ratios.values()) == [0.0] * 5 + [1.0] * 2
+    assert result.active() == {"layers.2": 1.0, "layers.8": 1.0}  # the two least harmful
     assert abs(blocks.fractions(result.ratios)[1] - 0.77) <= 0.02
