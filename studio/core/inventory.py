@@ -1,7 +1,7 @@
 """Layer inventory: every layer's type, output shape, parameters, MACs, sparsity and group.
 
 MACs are counted for one input of the model's input shape: convolutions, linear layers and
-matrix products via torch's FlopCounterMode (FLOPs / 2), attributed to the innermost module
+matrix products by torch's FLOP formulas (FLOPs / 2), attributed to the innermost module
 that performed them; normalisation layers as one MAC per output element; recurrent layers
 by their gate equations. Layer MACs add up to the model's total by construction.
 """
@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from studio.core import graph
 from studio.core.errors import StudioError
@@ -129,14 +130,41 @@ def _rows(module: nn.Module, macs: dict[str, int]) -> list[tuple[str, nn.Module]
     return rows
 
 
+class _MacCounter(TorchDispatchMode):
+    """FLOPs of matrix products (torch's own formulas), attributed to the innermost module
+    running. Unlike FlopCounterMode it installs no process-wide module hooks: the dispatch
+    mode is thread-local and the module hooks are on the traced module only, so forward
+    passes of other models in other threads neither disturb nor are counted in the count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = [""]
+        self.flops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            name = self.stack[-1]
+            self.flops[name] = self.flops.get(name, 0) + int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
 def _trace(module: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Output shape and own MACs of every module, from one forward pass."""
     names = {m: n for n, m in module.named_modules()}
     shapes: dict[str, tuple[int, ...]] = {}
     extra: dict[str, int] = {}
+    counter = _MacCounter()
+
+    def enter(mod: nn.Module, _inputs: tuple) -> None:
+        counter.stack.append(names[mod])
 
     def hook(mod: nn.Module, inputs: tuple, out: object) -> None:
         name = names[mod]
+        if len(counter.stack) > 1:
+            counter.stack.pop()
         tensor = out[0] if isinstance(out, (tuple, list)) and out else out
         if isinstance(tensor, torch.Tensor):
             shapes.setdefault(name, tuple(tensor.shape))
@@ -146,10 +174,9 @@ def _trace(module: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...
                 extra[name] = extra.get(name, 0) + _rnn_macs(mod, inputs[0])
 
     handles = []
-    scripted = isinstance(module, torch.jit.ScriptModule)
-    if not scripted:
-        handles = [m.register_forward_hook(hook) for m in module.modules()]
-    counter = FlopCounterMode(display=False)
+    if not isinstance(module, torch.jit.ScriptModule):  # scripted: all MACs are the model's
+        for m in module.modules():
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(hook)]
     try:
         with torch.no_grad(), counter:
             module(x)
@@ -161,31 +188,10 @@ def _trace(module: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...
     finally:
         for h in handles:
             h.remove()
-    return shapes, _own_macs(module, counter, extra)
-
-
-def _own_macs(module: nn.Module, counter: FlopCounterMode, extra: dict[str, int]) -> dict[str, int]:
-    """Per-module MACs excluding children's, from the counter's hierarchical totals."""
-    counts = counter.get_flop_counts()
-    root = type(module).__name__
-    totals: dict[str, int] = {}
-    for key, ops in counts.items():
-        if key == "Global":
-            continue
-        name = key[len(root) + 1 :] if key.startswith(root + ".") else ("" if key == root else None)
-        if name is not None:
-            totals[name] = sum(int(v) for v in ops.values()) // 2
-    if not totals:  # no module hierarchy (scripted modules): the whole graph is the model's
-        totals[""] = sum(int(v) for v in counts.get("Global", {}).values()) // 2
-    own = dict(totals)
-    for name, total in totals.items():
-        if name:
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            if parent in own:
-                own[parent] -= total
+    own = {name: flops // 2 for name, flops in counter.flops.items()}
     for name, value in extra.items():
         own[name] = own.get(name, 0) + value
-    return {n: v for n, v in own.items() if v > 0}
+    return shapes, {n: v for n, v in own.items() if v > 0}
 
 
 def _rnn_macs(mod: nn.Module, x: torch.Tensor) -> int:

@@ -7,8 +7,9 @@ the kind does not support). The file the user gave is only ever read.
 
 from __future__ import annotations
 
+import copy
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +66,15 @@ class LoadedModel:
     @property
     def file_size(self) -> int | None:
         return self.path.stat().st_size if self.path is not None and self.path.exists() else None
+
+    def replica(self) -> LoadedModel:
+        """The same model with its own copy of the module.
+
+        Inspection and scans register hooks and trace the module they are given; two jobs
+        doing so on one module at once would see each other's forward passes. The GUI gives
+        each such job a replica made on its own thread before the job starts.
+        """
+        return replace(self, module=copy.deepcopy(self.module), notes=list(self.notes))
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         shape = (batch, *self.input_shape[1:])

@@ -155,6 +155,8 @@ class SensitivityPanel(QWidget):
             self._fail("Bad scan settings", str(exc))
             return None
         use_cache = self.controls.use_cache.isChecked()
+        model = model.replica()  # the scan traces and hooks its own copy (made here, not
+        # in the worker, so that no other job's hooks are copied with it)
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
             scan = SensitivityScan(model, data, settings, use_cache=use_cache)

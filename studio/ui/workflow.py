@@ -172,8 +172,10 @@ class Workflow(QObject):
             s.log(f"{operation} is not available: {reason}", WARNING)
         self.model_loaded.emit(spec)
 
+        replica = model.replica()  # hooks go on a private copy: other jobs run the model
+
         def inspect(progress: ProgressFn, cancel: CancelToken) -> core_inventory.Inventory:
-            return core_inventory.build_inventory(model, progress=progress, cancel=cancel)
+            return core_inventory.build_inventory(replica, progress=progress, cancel=cancel)
 
         self._inventory_job = self._start(
             "Inspecting layers",

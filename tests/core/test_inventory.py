@@ -121,3 +121,28 @@ def test_lstm_is_reported_not_prunable_with_reason_and_vit_tokens_are_grouped() 
     tokens = next(layer for layer in vit.layers if layer.name == "(model)")
     embed = next(layer for layer in vit.layers if layer.name == "patch_embed")
     assert tokens.group == embed.group is not None  # class token and embedding share channels
+
+
+def test_mac_count_ignores_forward_passes_in_other_threads() -> None:
+    import threading
+
+    from studio.core.models import load_model
+
+    model = load_model("zoo:resnet20")
+    alone = build_inventory(model).macs
+    other = model.replica().module.eval()  # same names: FlopCounterMode would mix them up
+    stop = threading.Event()
+
+    def busy() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                other(torch.randn(2, *model.input_shape[1:]))
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        counts = [build_inventory(model.replica()).macs for _ in range(3)]
+    finally:
+        stop.set()
+        worker.join()
+    assert counts == [alone] * 3
