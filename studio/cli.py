@@ -1,5 +1,5 @@
-"""Headless command line: ``studio info | eval | scan | gui``. Uses studio.core only (the gui
-is imported lazily)."""
+"""Headless command line: ``studio info | eval | scan | prune | gui``. Uses studio.core only (the
+gui is imported lazily; ``prune`` lives in :mod:`studio.cli_prune`)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-cache", action="store_true", help="measure everything again")
     sc.add_argument("--out", metavar="FILE.csv|FILE.json", help="write the table")
     sc.add_argument("--json", action="store_true", help="print a JSON summary")
+    from studio.cli_prune import add_prune_parser
+
+    add_prune_parser(sub)
     gui = sub.add_parser("gui", help="open the studio window")
     _add_model_args(gui, required=False)
     _add_data_args(gui, required=False)
@@ -282,7 +285,19 @@ def cmd_gui(args: argparse.Namespace) -> int:
     return run_gui(args.model, args.data, screenshot=args.screenshot, tab=args.tab, scan=args.scan)
 
 
-COMMANDS = {"info": cmd_info, "eval": cmd_eval, "scan": cmd_scan, "gui": cmd_gui}
+def cmd_prune(args: argparse.Namespace) -> int:
+    from studio.cli_prune import cmd_prune as run
+
+    return run(args)
+
+
+COMMANDS = {
+    "info": cmd_info,
+    "eval": cmd_eval,
+    "scan": cmd_scan,
+    "prune": cmd_prune,
+    "gui": cmd_gui,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

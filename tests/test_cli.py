@@ -148,3 +148,106 @@ def test_entry_point_subprocess_exit_codes(tmp_path) -> None:
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0
+
+
+# ---- studio prune -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: faster, and far faster on shared cores
+    yield
+    torch.set_num_threads(previous)
+
+
+def _state(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_prune_saves_a_model_that_info_and_eval_load(capsys, tmp_path, one_thread) -> None:
+    out, recipe = tmp_path / "pruned.pt", tmp_path / "recipe.yaml"
+    code, stdout, _ = run(
+        capsys,
+        *("prune", "--model", "demo", "--data", "demo", "--method", "structured"),
+        *("--ratio", "0.5", "--out", str(out), "--recipe-out", str(recipe), "--json"),
+    )
+    assert code == 0
+    result = json.loads(stdout)
+    assert {"params_before", "params_after", "macs_before", "macs_after", "skipped"} <= set(result)
+    assert result["params_after"] < 0.3 * result["params_before"]
+    assert result["macs_after"] < 0.3 * result["macs_before"]
+    assert result["quality_before"]["accuracy"] > 0.97 and result["skipped"] == []
+    assert result["out"] == str(out) and result["seconds"] > 0
+    # the saved model loads back without --trust-pickle, with the numbers prune reported
+    code, stdout, _ = run(capsys, "info", "--model", str(out), "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["params"] == result["params_after"]
+    assert info["macs"] == result["macs_after"]
+    code, stdout, _ = run(capsys, "eval", "--model", str(out), "--data", "demo", "--json")
+    evaluated = json.loads(stdout)
+    assert code == 0
+    assert evaluated["accuracy"] == pytest.approx(result["quality_after"]["accuracy"], abs=1e-6)
+    assert evaluated["loss"] == pytest.approx(result["quality_after"]["loss"], rel=1e-5)
+    # the recipe replays to the same weights
+    again = tmp_path / "again.pt"
+    code, _, _ = run(
+        capsys, "prune", "--model", "demo", "--recipe", str(recipe), "--out", str(again)
+    )
+    first, second = _state(out), _state(again)
+    assert code == 0 and first.keys() == second.keys()
+    assert all(first[k].equal(second[k]) for k in first)
+
+
+def test_prune_to_a_macs_target(capsys, tmp_path, one_thread) -> None:
+    code, stdout, _ = run(
+        capsys,
+        *("prune", "--model", "demo", "--target-macs", "0.5", "--allocate", "uniform"),
+        *("--out", str(tmp_path / "half.pt"), "--json"),
+    )
+    result = json.loads(stdout)
+    assert code == 0 and 0.48 <= result["macs_after"] / result["macs_before"] <= 0.52
+
+
+def test_prune_unstructured_and_blocks_text_output(capsys, tmp_path, one_thread) -> None:
+    sparse = tmp_path / "sparse.pt"
+    code, stdout, _ = run(
+        capsys,
+        *("prune", "--model", "demo", "--method", "unstructured", "--ratio", "0.8"),
+        *("--out", str(sparse)),
+    )
+    assert code == 0 and "sparsity     80.0%" in stdout and f"saved {sparse}" in stdout
+    code, stdout, _ = run(capsys, "info", "--model", str(sparse), "--json")
+    layers = {layer["name"]: layer for layer in json.loads(stdout)["layers"]}
+    assert layers["layers.4.conv2"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    code, stdout, _ = run(
+        capsys,
+        *("prune", "--model", "demo", "--method", "blocks", "--ratio", "0.5"),
+        *("--out", str(tmp_path / "short.pt"), "--json"),
+    )
+    result = json.loads(stdout)
+    assert code == 0 and result["targets"] == 4  # 4 of the 9 blocks
+    code, stdout, _ = run(capsys, "info", "--model", str(tmp_path / "short.pt"), "--json")
+    assert code == 0 and json.loads(stdout)["params"] == result["params_after"]
+
+
+def test_prune_errors_are_one_line(capsys, tmp_path, one_thread) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ratios: [1\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("method: structured\nratios: {nowhere: 0.5}\n")
+    out = ("--out", str(tmp_path / "o.pt"))
+    cases = [
+        (["--model", "missing.pt", "--ratio", "0.5", *out], "does not exist"),
+        (["--model", "demo", "--recipe", str(bad), *out], "not valid YAML"),
+        (["--model", "demo", "--recipe", str(unknown), *out], "does not have"),
+        (["--model", "demo", "--recipe", str(bad), "--ratio", "0.5", *out], "leave out --ratio"),
+        (["--model", "demo", *out], "say how much to prune"),
+        (["--model", "demo", "--ratio", "0.5", "--out", "x.onnx"], "--out must end"),
+        (["--model", "demo", "--ratio", "0.95", *out], "above the per-layer cap"),
+        (["--model", "demo", "--criterion", "taylor", "--ratio", "0.5", *out], "needs data"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run(capsys, "prune", *argv)
+        assert code == 1 and err.count("\n") == 1 and needle in err, (argv, err)
+    assert not (tmp_path / "o.pt").exists()

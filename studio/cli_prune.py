@@ -1,0 +1,175 @@
+"""``studio prune``: apply a recipe, a uniform ratio, or a parameter/MAC target allocated by a
+strategy; save the pruned model (loadable by ``studio info/eval``) and the recipe it used."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from studio.cli import TerminalProgress, _add_data_args, _add_model_args, _load, _load_data, _path
+from studio.core.errors import StudioError
+
+METHODS = ("structured", "unstructured", "nm", "blocks")  # studio.core.plan.METHODS
+CRITERIA = ("l2", "l1", "taylor", "bn_scale", "random")  # studio.core.plan.CRITERIA
+STRATEGIES = ("uniform", "global", "sensitivity")  # studio.core.allocate.STRATEGIES
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2")
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def add_prune_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``prune`` subcommand's arguments."""
+    pr = sub.add_parser(
+        "prune", help="prune by a recipe, a ratio or a params/MACs target; save the model"
+    )
+    _add_model_args(pr)
+    _add_data_args(pr, required=False)
+    pr.add_argument("--recipe", metavar="FILE", help="replay a recipe (.yaml or .json)")
+    pr.add_argument("--method", choices=METHODS, help="default: structured")
+    pr.add_argument("--criterion", choices=CRITERIA, help="default: l2 (taylor needs --data)")
+    how = pr.add_mutually_exclusive_group()
+    how.add_argument("--ratio", type=float, metavar="R", help="the same ratio on every target")
+    how.add_argument("--target-params", type=float, metavar="F", help="keep this fraction")
+    how.add_argument("--target-macs", type=float, metavar="F", help="keep this fraction")
+    pr.add_argument("--allocate", choices=STRATEGIES, help="for a target (default: uniform)")
+    pr.add_argument("--scan", metavar="FILE.json", help="a scan (studio scan --out) to allocate by")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    pr.add_argument("--out", required=True, metavar="MODEL.pt|MODEL.pt2", help="pruned model")
+    pr.add_argument("--recipe-out", metavar="FILE.yaml|FILE.json", help="save the plan used")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse contradictory or incomplete arguments before loading anything."""
+    targets = [f for f in ("ratio", "target_params", "target_macs") if getattr(args, f) is not None]
+    if args.recipe:
+        extra = [
+            f"--{f.replace('_', '-')}"
+            for f in ("method", "criterion", "ratio", "target_params", "target_macs", "allocate")
+            + ("scan",)
+            if getattr(args, f) is not None
+        ]
+        if extra:
+            raise StudioError(f"--recipe replays a saved plan: leave out {', '.join(extra)}")
+    elif not targets:
+        raise StudioError(
+            "say how much to prune: --recipe FILE, --ratio R, --target-params F or --target-macs F"
+        )
+    if args.ratio is not None and (args.allocate or args.scan):
+        raise StudioError("--allocate and --scan go with --target-params or --target-macs")
+    if args.ratio is not None and not 0.0 < args.ratio <= 1.0:
+        raise StudioError(f"--ratio is a fraction in (0, 1], not {args.ratio:g}")
+    if args.criterion == "taylor" and not args.data:
+        raise StudioError("the taylor criterion needs data for its gradient pass: give --data")
+    if Path(args.out).suffix.lower() not in MODEL_SUFFIXES:
+        raise StudioError(f"--out must end in .pt, .pth or .pt2, got {args.out}")
+    if args.recipe_out and Path(args.recipe_out).suffix.lower() not in RECIPE_SUFFIXES:
+        raise StudioError(f"--recipe-out must end in .yaml or .json, got {args.recipe_out}")
+
+
+def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
+    from studio.core.plan import PruningPlan
+
+    if args.recipe:
+        return PruningPlan.load(args.recipe)
+    method, criterion = args.method or "structured", args.criterion or "l2"
+    base = PruningPlan(method, criterion, model_fingerprint=model.fingerprint(), seed=args.seed)
+    if args.ratio is not None:
+        ratios = _uniform(model, method, args.ratio, base.cap, data)
+        return replace(base.with_ratios(ratios), target={"ratio": args.ratio})
+    from studio.core.allocate import CostModel, allocate, load_scan
+
+    kind = "params" if args.target_params is not None else "macs"
+    fraction = args.target_params if kind == "params" else args.target_macs
+    report = load_scan(args.scan) if args.scan else None
+    cost = CostModel.build(model, method)
+    return allocate(
+        cost,
+        base,
+        args.allocate or "uniform",
+        kind,
+        fraction,
+        report=report,
+        module=model.module,
+        data=data,
+    )
+
+
+def _uniform(model, method: str, ratio: float, cap: float, data) -> dict[str, float]:
+    """--ratio R: R on every target; for blocks, the fraction R of the blocks is removed,
+    those whose branch changes their input least (on the data, else the example input)."""
+    from studio.core.prune import prune_targets
+
+    if method != "blocks" and ratio > cap:
+        raise StudioError(f"--ratio {ratio:g} is above the per-layer cap {cap:g}")
+    names = prune_targets(model, method)
+    if not names:
+        raise StudioError(f"{model.name} has nothing to prune with the {method} method")
+    if method != "blocks":
+        return {n: ratio for n in names}
+    import copy
+
+    from studio.core.prune_blocks import BlockTarget, branch_scores
+
+    module = copy.deepcopy(model.module).eval()
+    x = data.x[:256] if data is not None else model.example_input()
+    scores = branch_scores(module, [BlockTarget(n, 0) for n in names], x)
+    weakest = sorted(names, key=lambda n: scores.get(n, float("inf")))
+    count = int(len(names) * ratio + 1e-9)
+    return {n: (1.0 if n in weakest[:count] else 0.0) for n in names}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Run ``studio prune``."""
+    from studio.core.prune import prune, save_pruned
+    from studio.core.pruned_file import check_destination
+
+    _check_args(args)
+    if args.recipe:  # a bad recipe fails before the model loads
+        from studio.core.plan import PruningPlan
+
+        PruningPlan.load(args.recipe)
+    model = _load(args)
+    data = _load_data(args) if args.data else None
+    check_destination(model, args.out)
+    plan = _plan(args, model, data)
+    if not plan.active():
+        raise StudioError("the plan prunes nothing: every ratio is 0")
+    result = prune(model, plan, data, progress=TerminalProgress("pruning"))
+    protected = tuple(p for p in (model.path, _path(args.data), _path(args.recipe)) if p)
+    save_pruned(result, args.out, protected)
+    if args.recipe_out:
+        plan.save(args.recipe_out, protected + (Path(args.out),))
+    summary = dict(result.to_dict(), out=args.out, recipe_out=args.recipe_out)
+    summary["targets"] = len(plan.active())
+    if args.json:
+        summary.pop("shapes")
+        print(json.dumps(summary))
+        return 0
+    _print_summary(result, summary)
+    return 0
+
+
+def _print_summary(result, summary: dict) -> None:
+    def change(before: float, after: float) -> str:
+        return f"{before:,} -> {after:,} ({after / max(before, 1):.1%})"
+
+    plan = result.plan
+    print(f"{result.model.name}: {plan.method} by {plan.criterion}, {summary['targets']} targets")
+    print(f"  parameters   {change(result.params_before, result.params_after)}")
+    print(f"  MACs         {change(result.macs_before, result.macs_after)}")
+    print(f"  size (bytes) {change(result.size_before, result.size_after)}")
+    print(f"  sparsity     {result.sparsity:.1%}, compression {result.compression:.2f}x")
+    before, after = result.quality_before, result.quality_after
+    if before is not None and after is not None:
+        for key in ("accuracy", "loss", "agreement"):
+            b, a = getattr(before, key), getattr(after, key)
+            if b is not None and a is not None:
+                print(f"  {key:<12} {b:.4f} -> {a:.4f}")
+    for name, reason in result.skipped:
+        print(f"  skipped      {name}: {reason}")
+    for note in result.notes:
+        print(f"  note         {note}")
+    recipe = f" and recipe {summary['recipe_out']}" if summary["recipe_out"] else ""
+    print(f"saved {summary['out']}{recipe} in {result.seconds:.1f}s")
