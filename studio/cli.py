@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from studio.core.errors import StudioError
 
-GUI_TABS = ("layers", "sensitivity", "sparsity")  # studio.ui.main_window.TABS
+GUI_TABS = ("layers", "sensitivity", "sparsity", "planner", "result")  # studio.ui.main_window.TABS
 
 
 class TerminalProgress:
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--screenshot", metavar="FILE.png", help="load, render the window to FILE.png and exit"
     )
     gui.add_argument("--tab", choices=GUI_TABS, help="the tab to show first")
+    gui.add_argument("--recipe", metavar="FILE.yaml", help="load a pruning recipe into the Planner")
     gui.add_argument(
         "--scan",
         action="store_true",
@@ -282,7 +283,14 @@ def _scan_json(result, metric: str) -> dict:
 def cmd_gui(args: argparse.Namespace) -> int:
     from studio.ui.app import run_gui
 
-    return run_gui(args.model, args.data, screenshot=args.screenshot, tab=args.tab, scan=args.scan)
+    return run_gui(
+        args.model,
+        args.data,
+        screenshot=args.screenshot,
+        tab=args.tab,
+        scan=args.scan,
+        recipe=args.recipe,
+    )
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

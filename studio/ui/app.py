@@ -70,11 +70,13 @@ def run_gui(
     screenshot: str | None = None,
     tab: str | None = None,
     scan: bool = False,
+    recipe: str | None = None,
 ) -> int:
     """Open the studio, optionally with a model and data; return the exit status.
 
     ``tab`` is the tab shown first; ``scan`` starts a sensitivity scan with the default
-    settings as soon as the model and data are in (and shows the Sensitivity tab).
+    settings as soon as the model and data are in (and shows the Sensitivity tab); ``recipe``
+    is loaded into the Planner once the model's targets are known.
 
     With ``screenshot``, no dialogs are shown: once every job has ended the window is saved
     to that PNG file and the function returns 0, or 1 with a one-line message on stderr if
@@ -100,6 +102,8 @@ def run_gui(
         window.show_tab(tab or "sensitivity")
     if scan:
         window.sensitivity.start_when_ready()
+    if recipe:
+        window.planner.load_recipe_when_ready(recipe)
     if model_spec:
         window.open_model(model_spec)
     if data_spec:

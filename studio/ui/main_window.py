@@ -22,8 +22,10 @@ from PySide6.QtWidgets import (
 from studio.core import zoo
 from studio.core.errors import StudioError
 from studio.core.models import parse_shape
+from studio.ui.compare_panel import ComparePanel
 from studio.ui.layer_table import LayerTablePanel
 from studio.ui.log_panel import LogPanel
+from studio.ui.planner_panel import PlannerPanel
 from studio.ui.progress import JobProgressWidget
 from studio.ui.runner import JobRunner
 from studio.ui.sensitivity_panel import SensitivityPanel
@@ -37,7 +39,7 @@ MODEL_FILTER = "Models (*.pt *.pth *.pt2 *.onnx *.ts);;All files (*)"
 DATA_FILTER = "Arrays (*.npz)"
 DEFAULT_SIZE = (1280, 800)
 STATE_VERSION = 1
-TABS = ("layers", "sensitivity", "sparsity")
+TABS = ("layers", "sensitivity", "sparsity", "planner", "result")
 
 
 class MainWindow(QMainWindow):
@@ -68,13 +70,20 @@ class MainWindow(QMainWindow):
         self.table = LayerTablePanel(self.session)
         self.sensitivity = SensitivityPanel(self.session, self.runner)
         self.sparsity = SparsityPanel(self.session, self.runner)
-        for panel in (self.sensitivity, self.sparsity):
+        self.planner = PlannerPanel(self.session, self.runner)
+        self.result = ComparePanel(self.session)
+        for panel in (self.sensitivity, self.sparsity, self.planner, self.result):
             panel.error.connect(self._on_error)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.table, "Layers")
         self.tabs.addTab(self.sensitivity, "Sensitivity")
         self.tabs.addTab(self.sparsity, "Sparsity")
+        self.tabs.addTab(self.planner, "Planner")
+        self.tabs.addTab(self.result, "Result")
+        self.session.pruned_changed.connect(
+            lambda r: self.show_tab("result") if r is not None and self.interactive else None
+        )
         self.setCentralWidget(self.tabs)
         self.summary = SummaryPanel(self.session)
         self.log_panel = LogPanel(self.session)

@@ -64,6 +64,8 @@ def test_tabs_and_view_menu(qtbot) -> None:
         "Layers",
         "Sensitivity",
         "Sparsity",
+        "Planner",
+        "Result",
     ]
     window.show_tab("sparsity")
     assert window.tabs.currentWidget() is window.sparsity
