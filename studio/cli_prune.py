@@ -35,6 +35,17 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--allocate", choices=STRATEGIES, help="for a target (default: uniform)")
     pr.add_argument("--scan", metavar="FILE.json", help="a scan (studio scan --out) to allocate by")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    pr.add_argument(
+        "--calib-data",
+        metavar="SPEC",
+        help="data the pruned model's batch-norm statistics are re-estimated on (default: "
+        "--data; 'demo:train' is the demo's training split)",
+    )
+    pr.add_argument(
+        "--no-recalibrate-bn",
+        action="store_true",
+        help="keep the unpruned model's batch-norm statistics",
+    )
     pr.add_argument("--out", required=True, metavar="MODEL.pt|MODEL.pt2", help="pruned model")
     pr.add_argument("--recipe-out", metavar="FILE.yaml|FILE.json", help="save the plan used")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
@@ -50,6 +61,8 @@ def _check_args(args: argparse.Namespace) -> None:
             + ("scan",)
             if getattr(args, f) is not None
         ]
+        if args.no_recalibrate_bn:
+            extra.append("--no-recalibrate-bn")
         if extra:
             raise StudioError(f"--recipe replays a saved plan: leave out {', '.join(extra)}")
     elif not targets:
@@ -74,7 +87,13 @@ def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
     if args.recipe:
         return PruningPlan.load(args.recipe)
     method, criterion = args.method or "structured", args.criterion or "l2"
-    base = PruningPlan(method, criterion, model_fingerprint=model.fingerprint(), seed=args.seed)
+    base = PruningPlan(
+        method,
+        criterion,
+        model_fingerprint=model.fingerprint(),
+        seed=args.seed,
+        recalibrate_bn=not args.no_recalibrate_bn,
+    )
     if args.ratio is not None:
         ratios = _uniform(model, method, args.ratio, base.cap, data)
         return replace(base.with_ratios(ratios), target={"ratio": args.ratio})
@@ -136,8 +155,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan = _plan(args, model, data)
     if not plan.active():
         raise StudioError("the plan prunes nothing: every ratio is 0")
-    result = prune(model, plan, data, progress=TerminalProgress("pruning"))
-    protected = tuple(p for p in (model.path, _path(args.data), _path(args.recipe)) if p)
+    calibration = None
+    if args.calib_data:
+        from studio.core.data import load_data
+
+        calibration = load_data(args.calib_data)
+    result = prune(model, plan, data, progress=TerminalProgress("pruning"), calibration=calibration)
+    inputs = (model.path, _path(args.data), _path(args.recipe), _path(args.calib_data))
+    protected = tuple(p for p in inputs if p)
     save_pruned(result, args.out, protected)
     if args.recipe_out:
         plan.save(args.recipe_out, protected + (Path(args.out),))

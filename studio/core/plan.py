@@ -38,6 +38,7 @@ class PruningPlan:
     cap: float = DEFAULT_CAP  # largest ratio any one target may get (nm: fixed 2:4)
     model_fingerprint: str = ""  # the model the plan was made for ("" = any)
     seed: int = 0  # for the random criterion
+    recalibrate_bn: bool = True  # re-estimate batch-norm statistics on data after pruning
     target: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"macs": 0.5, "allocate": ..}
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class PruningPlan:
             "criterion": self.criterion,
             "cap": self.cap,
             "seed": self.seed,
+            "recalibrate_bn": self.recalibrate_bn,
             "model_fingerprint": self.model_fingerprint,
             "target": dict(self.target),
             "locked": list(self.locked),
@@ -110,6 +112,7 @@ class PruningPlan:
             "criterion",
             "cap",
             "seed",
+            "recalibrate_bn",
             "model_fingerprint",
             "target",
             "locked",
@@ -132,6 +135,7 @@ class PruningPlan:
                 cap=float(data.get("cap", DEFAULT_CAP)),
                 model_fingerprint=str(data.get("model_fingerprint") or ""),
                 seed=int(data.get("seed", 0)),
+                recalibrate_bn=_boolean(data.get("recalibrate_bn", True), "recalibrate_bn"),
                 target=dict(data.get("target") or {}),
             )
         except (TypeError, ValueError) as exc:
@@ -193,3 +197,9 @@ class PruningPlan:
                 raise StudioError(
                     f"the recipe names {len(missing)} layer(s) this model does not have: {shown}"
                 )
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"'{name}' must be true or false, not {value!r}")

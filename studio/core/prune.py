@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from studio.core import prune_blocks, prune_structured, prune_weights
+from studio.core.bn_calibration import batch_norms, recalibrate_bn
 from studio.core.costs import BLOCK_REMOVED
 from studio.core.data import DataSet
 from studio.core.errors import StudioError
@@ -106,8 +107,13 @@ def prune(
     data: DataSet | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    calibration: DataSet | None = None,
 ) -> PruneResult:
-    """Apply ``plan`` to a copy of ``model``; measure quality before and after on ``data``."""
+    """Apply ``plan`` to a copy of ``model``; measure quality before and after on ``data``.
+
+    With ``plan.recalibrate_bn``, the pruned copy's batch-norm statistics are re-estimated on
+    ``calibration`` (default: ``data``) before it is measured.
+    """
     start = time.monotonic()
     _check_kind(model, plan.method)
     if plan.criterion in NEEDS_DATA and data is None and plan.method != "blocks":
@@ -139,6 +145,14 @@ def prune(
         notes = prune_weights.prune_weights(module, plan, data, step, cancel)
     module.eval()
     check(cancel)
+    calibration = calibration if calibration is not None else data
+    if plan.recalibrate_bn and calibration is not None and batch_norms(module):
+        used = recalibrate_bn(module, calibration, None, cancel)
+        notes.append(
+            f"batch-norm statistics re-estimated on {used:,} samples of {calibration.name}"
+        )
+    elif plan.recalibrate_bn and batch_norms(module):
+        notes.append("batch-norm statistics kept from the unpruned model (no data given)")
     report(progress, 0.6 if data is not None else 0.9, "measuring")
     params_after, macs_after, size_after = _counts(module, x)
     nonzero = sum(int(torch.count_nonzero(p)) for p in module.parameters())
