@@ -189,10 +189,12 @@ def test_prune_saves_a_model_that_info_and_eval_load(capsys, tmp_path, one_threa
     assert code == 0
     assert evaluated["accuracy"] == pytest.approx(result["quality_after"]["accuracy"], abs=1e-6)
     assert evaluated["loss"] == pytest.approx(result["quality_after"]["loss"], rel=1e-5)
-    # the recipe replays to the same weights
+    # the recipe replays to the same weights (and batch-norm statistics, on the same data)
     again = tmp_path / "again.pt"
     code, _, _ = run(
-        capsys, "prune", "--model", "demo", "--recipe", str(recipe), "--out", str(again)
+        capsys,
+        *("prune", "--model", "demo", "--data", "demo", "--recipe", str(recipe)),
+        *("--out", str(again)),
     )
     first, second = _state(out), _state(again)
     assert code == 0 and first.keys() == second.keys()

@@ -14,6 +14,7 @@ from typing import Any
 from PySide6.QtCore import QTimer, Signal
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (
+    QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
     QFrame,
@@ -93,6 +94,12 @@ class PlannerPanel(QWidget):
         self.cap.setSingleStep(0.05)
         self.cap.setValue(0.9)
         self.cap.setToolTip("No target may lose more than this fraction")
+        self.recalibrate = QCheckBox("Re-estimate BN")
+        self.recalibrate.setChecked(True)
+        self.recalibrate.setToolTip(
+            "After pruning, re-estimate batch-norm statistics on the data (no training);\n"
+            "without it a heavily pruned network often falls to chance before fine-tuning"
+        )
         self.kind = narrow_combo()
         self.kind.addItems(list(TARGET_KINDS))
         self.keep = QDoubleSpinBox()
@@ -127,10 +134,16 @@ class PlannerPanel(QWidget):
         self.redo_button = self._button("Redo", self.state.undo_stack.redo, plan_row)
         self.redo_button.setShortcut(QKeySequence.StandardKey.Redo)
         self.clear_button = self._button("Clear", self.clear, plan_row)
-        self.apply_button = self._button("Apply", self.apply, target_row)
+        self.clear_button.setToolTip("Set every ratio to 0")
+        actions = QHBoxLayout()
+        actions.addWidget(self.recalibrate)
+        actions.addStretch(1)
+        self.load_button = self._button("Load recipe…", self._ask_load_recipe, actions)
+        self.save_button = self._button("Save recipe…", self._ask_save_recipe, actions)
+        self.apply_button = self._button("Apply", self.apply, actions)
         self.apply_button.setStyleSheet("font-weight: 600")
         self.apply_button.setToolTip("Prune a copy of the model with this plan")
-        self.revert_button = self._button("Revert", self.revert, target_row)
+        self.revert_button = self._button("Revert", self.revert, actions)
         self.revert_button.setToolTip("Drop the pruned model; the original was never changed")
 
         self.summary = QLabel()
@@ -138,10 +151,9 @@ class PlannerPanel(QWidget):
         strip = QFrame()
         strip.setFrameShape(QFrame.Shape.StyledPanel)
         strip.setStyleSheet("QFrame { background: #f4f7fb; }")
-        strip_layout = QHBoxLayout(strip)
-        strip_layout.addWidget(self.summary, 1)
-        self.load_button = self._button("Load recipe…", self._ask_load_recipe, strip_layout)
-        self.save_button = self._button("Save recipe…", self._ask_save_recipe, strip_layout)
+        strip_layout = QVBoxLayout(strip)
+        strip_layout.addWidget(self.summary)
+        strip_layout.addLayout(actions)
         top = QVBoxLayout()
         top.addLayout(plan_row)
         top.addLayout(target_row)
@@ -154,6 +166,9 @@ class PlannerPanel(QWidget):
         self.method.currentTextChanged.connect(lambda _: self.rebuild())
         self.criterion.currentTextChanged.connect(lambda c: self.state.set_plan_fields(criterion=c))
         self.cap.valueChanged.connect(lambda v: self.state.set_plan_fields(cap=float(v)))
+        self.recalibrate.toggled.connect(
+            lambda on: self.state.set_plan_fields(recalibrate_bn=bool(on))
+        )
         self.state.changed.connect(self._update_buttons)
 
     @staticmethod
@@ -179,6 +194,7 @@ class PlannerPanel(QWidget):
             method=method,
             criterion=self.criterion.currentText(),
             cap=float(self.cap.value()),
+            recalibrate_bn=self.recalibrate.isChecked(),
             model_fingerprint="",
         )
         self.summary.setText(f"Finding the {method} targets of {model.name}…")
@@ -394,6 +410,7 @@ class PlannerPanel(QWidget):
             return
         self.criterion.setCurrentText(plan.criterion)
         self.cap.setValue(plan.cap)
+        self.recalibrate.setChecked(plan.recalibrate_bn)
         self.state.set_plan_fields(ignored=plan.ignored)
         for target in self.state.targets:
             self.state.set_locked(target.name, target.name in plan.locked)

@@ -71,7 +71,8 @@ def scan_rows(demo, val64) -> dict[tuple[str, float], object]:
     "group, ratio", [("layers.3.shortcut.0", 0.5), ("layers.6.shortcut.0", 0.5), ("conv1", 0.3)]
 )
 def test_structured_removes_the_channels_the_scan_removes(demo, val64, scan_rows, group, ratio):
-    result = prune(demo, PruningPlan("structured", "l2", {group: ratio}), val64)
+    plan = PruningPlan("structured", "l2", {group: ratio}, recalibrate_bn=False)  # as scanned
+    result = prune(demo, plan, val64)
     row = scan_rows[(group, ratio)]
     assert result.quality_after is not None and result.quality_after.accuracy is not None
     assert row.accuracy < 0.95  # the group matters: the wrong channels would show
@@ -340,3 +341,21 @@ def test_progress_and_cancel(demo) -> None:
     with pytest.raises(Cancelled):
         prune(demo, uniform(demo, "structured", 0.2), progress=cancel_soon, cancel=token)
     assert max(calls) < 1.0
+
+
+def test_batch_norm_recalibration_restores_accuracy_without_touching_weights(demo, val64) -> None:
+    train = demo_splits()[0].subset(256)
+    plan = uniform(demo, "structured", 0.5)
+    kept = prune(demo, PruningPlan(**{**plan.__dict__, "recalibrate_bn": False}), val64)
+    fresh = prune(demo, plan, val64, calibration=train)
+    assert "re-estimated on 256 samples of digits (train)" in fresh.notes[-1]
+    before, after = kept.module.state_dict(), fresh.module.state_dict()
+    for key, tensor in before.items():
+        if "running" in key:
+            assert not torch.equal(tensor, after[key]), key  # new statistics
+        elif tensor.is_floating_point():
+            assert torch.equal(tensor, after[key]), key  # the same weights
+    assert kept.quality_after.accuracy < 0.5 < fresh.quality_after.accuracy
+    assert kept.quality_before == fresh.quality_before
+    no_data = prune(demo, plan)
+    assert "kept from the unpruned model" in no_data.notes[-1]

@@ -141,7 +141,9 @@ def test_recipe_from_the_gui_replays_identically_in_the_cli(
 
     names = [t.name for t in planner.state.targets]
     planner.state.set_all({names[1]: 0.3, names[5]: 0.6}, "two")
+    planner.recalibrate.setChecked(False)  # the CLI below replays without data
     recipe = planner.save_recipe(tmp_path / "plan.yaml")
+    assert "recalibrate_bn: false" in recipe.read_text()
     with qtbot.waitSignal(planner.session.pruned_changed, timeout=120_000) as done:
         planner.apply()
     gui_state = done.args[0].module.state_dict()
@@ -155,8 +157,10 @@ def test_recipe_from_the_gui_replays_identically_in_the_cli(
         assert torch.equal(cli_state[key], tensor), key
 
     planner.state.set_all({}, "clear")
+    planner.recalibrate.setChecked(True)
     planner.load_recipe(recipe)
     assert planner.state.plan.ratio(names[5]) == pytest.approx(0.6)
+    assert not planner.recalibrate.isChecked() and not planner.state.plan.recalibrate_bn
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: structured\nratios: {nowhere.conv: 0.5}\n")
     with qtbot.waitSignal(planner.error, timeout=2000) as error:
