@@ -43,7 +43,7 @@ class DropBarDelegate(QStyledItemDelegate):
             rect = QRect(option.rect.adjusted(2, 4, -2, -4))
             rect.setWidth(max(2, int(rect.width() * min(fraction, 1.0))))
             painter.save()
-            painter.fillRect(rect, QColor(HEAT.map(0.25 + 0.75 * min(fraction, 1.0), "qcolor")))
+            painter.fillRect(rect, QColor(HEAT.map(0.1 + 0.45 * min(fraction, 1.0), "qcolor")))
             painter.restore()
         super().paint(painter, option, index)
 
