@@ -35,8 +35,13 @@ class PartialRunner:
     def traced(self) -> bool:
         return self.graph_module is not None
 
-    def region(self, layers: Iterable[str]) -> Region:
-        """The nodes affected by changes to ``layers`` and the frontier feeding them."""
+    def region(self, layers: Iterable[str], sliced: Iterable[str] = ()) -> Region:
+        """The nodes affected by changes to ``layers`` and the frontier feeding them.
+
+        ``sliced`` names layers whose changed output is known to be a selection of their
+        unchanged output (a convolution that loses output channels): where such a layer
+        reads only unchanged values, its output is computed once and then selected from.
+        """
         if self.graph_module is None:
             return Region(self, [], [], full=True)
         names = set(layers)
@@ -57,7 +62,15 @@ class PartialRunner:
             n for n in nodes if n not in downstream and any(u in downstream for u in n.users)
         ]
         ordered = [n for n in nodes if n in downstream]
-        return Region(self, frontier, ordered, full=False)
+        selectable = set(sliced)
+        reused = [
+            n
+            for n in ordered
+            if n.op == "call_module"
+            and n.target in selectable
+            and not any(a in downstream for a in n.all_input_nodes)
+        ]
+        return Region(self, frontier, ordered, full=False, reused=reused)
 
     def node_values(self, x: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
         """Values of the named nodes for input ``x``, computing only what they need."""
@@ -72,14 +85,28 @@ class PartialRunner:
 
 
 class Region:
-    """The frontier values for a batch, then the downstream pass from them."""
+    """The frontier values for a batch, then the downstream pass from them.
 
-    def __init__(self, runner: PartialRunner, frontier: list, downstream: list, full: bool) -> None:
+    Values are passed keyed by node name. The downstream pass is generated Python code (an
+    ``fx.GraphModule``) that makes the same calls as the traced model, in the same order.
+    """
+
+    def __init__(
+        self,
+        runner: PartialRunner,
+        frontier: list,
+        downstream: list,
+        full: bool,
+        reused: list | None = None,
+    ) -> None:
         self.runner = runner
         self.frontier = frontier
         self.downstream = downstream
         self.full = full
+        self.reused: list[fx.Node] = reused or []
         self._upstream: list[fx.Node] = []
+        self._forward: fx.GraphModule | None = None
+        self._reused_pass: fx.GraphModule | None = None
         if not full:
             needed: set[fx.Node] = set(frontier)
             nodes = list(runner.graph_module.graph.nodes)  # type: ignore[union-attr]
@@ -88,30 +115,83 @@ class Region:
                     needed.update(node.all_input_nodes)
             self._upstream = [n for n in nodes if n in needed]
 
-    def frontier_values(self, x: torch.Tensor) -> object:
-        """Values entering the region for input ``x`` (or ``x`` itself without a graph)."""
-        if self.full:
-            return x
-        env = _run(self.runner.graph_module, self._upstream, {}, x)
-        return {n: env[n] for n in self.frontier}
-
     @property
     def frontier_names(self) -> list[str]:
         return [n.name for n in self.frontier]
 
-    def forward_named(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """The output from frontier values keyed by node name (shared between replicas)."""
+    @property
+    def reused_layers(self) -> list[str]:
+        """The layers whose outputs :meth:`forward` takes as selections of stored outputs."""
+        return [str(n.target) for n in self.reused]
+
+    def frontier_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Values entering the region for input ``x`` (none without a graph)."""
+        if self.full:
+            return {}
+        env = _run(self.runner.graph_module, self._upstream, {}, x)
+        return {n.name: env[n] for n in self.frontier}
+
+    def reused_values(self, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Outputs of the reused layers (see :attr:`reused_layers`) from frontier values, for
+        the model as it is now (call this before the change)."""
+        if not self.reused:
+            return []
+        if self._reused_pass is None:
+            self._reused_pass = self._compile(self.reused, [tuple(self.reused)], set())
+        return list(self._reused_pass(*(values[n.name] for n in self.frontier)))
+
+    def forward(
+        self,
+        values: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        reused: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The model's output from frontier values (and the reused layers' outputs, in the
+        order of :attr:`reused_layers`); a full forward pass of ``x`` without a graph."""
         if self.full:
             return self.runner.module(x)
-        return self.forward({n: values[n.name] for n in self.frontier})
+        if self._forward is None:
+            self._forward = self._compile(self.downstream, None, set(self.reused))
+        if len(reused or ()) != len(self.reused):
+            raise ValueError(f"expected {len(self.reused)} reused outputs")
+        frontier = (values[n.name] for n in self.frontier)
+        return self._forward(*frontier, *(reused or ()))
 
-    def forward(self, frontier: object) -> torch.Tensor:
-        """The model's output computed from stored frontier values."""
-        if self.full:
-            return self.runner.module(frontier)
-        env = dict(frontier)  # type: ignore[call-overload]
-        out = _run(self.runner.graph_module, self.downstream, env, None)
-        return out["__output__"]
+    def _compile(self, nodes: list, output: list | None, given: set) -> fx.GraphModule:
+        """``nodes`` as a function of the frontier values then the ``given`` nodes' values,
+        returning the graph's output or the values of ``output``."""
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for node in [*self.frontier, *(n for n in nodes if n in given)]:
+            env[node] = graph.placeholder(node.name)
+        for node in nodes:
+            if node.op == "output":
+                graph.output(fx.map_arg(node.args[0], env.__getitem__))
+            elif node not in given:
+                env[node] = graph.node_copy(node, env.__getitem__)
+        if output is not None:
+            graph.output(fx.map_arg(output[0], env.__getitem__))
+        return fx.GraphModule(self.runner.graph_module, graph)  # type: ignore[arg-type]
+
+
+def peak_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """The largest output of any layer of ``module`` for input ``x``, in bytes."""
+    peak = 0
+
+    def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+        nonlocal peak
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                peak = max(peak, value.numel() * value.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak
 
 
 def _within(target: str, names: set[str]) -> bool:
