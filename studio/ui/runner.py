@@ -10,6 +10,7 @@ so every slot connected to the runner runs on the GUI thread.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import shiboken6
-from PySide6.QtCore import QObject, QThreadPool, Signal, Slot
+from PySide6.QtCore import QObject, QThreadPool, QTimer, Signal, Slot
 
 from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken, ProgressFn
@@ -83,6 +84,44 @@ def error_message(exc: BaseException) -> str:
     return f"Unexpected error: {type(exc).__name__}: {first}"[:400].rstrip(": ")
 
 
+class GuiThreadCollector(QObject):
+    """Python's cyclic garbage collection, run only on the GUI thread.
+
+    Left automatic, a collection can start on a worker thread and destroy Qt objects there
+    (a panel or a signal closure in a reference cycle) while the GUI thread is deleting
+    widgets: the two then wait for each other's locks for ever. So automatic collection is
+    switched off and this timer collects, by the usual thresholds, on the GUI thread
+    (pyqtgraph's GarbageCollector does the same)."""
+
+    INTERVAL_MS = 500
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threshold = gc.get_threshold()
+        gc.disable()
+        self.timer = QTimer(self)
+        self.timer.timeout.connect(self.collect)
+        self.timer.start(self.INTERVAL_MS)
+
+    def collect(self) -> None:
+        young, middle, old = gc.get_count()
+        if young > self.threshold[0]:
+            generation = 0
+            if middle > self.threshold[1]:
+                generation = 2 if old > self.threshold[2] else 1
+            gc.collect(generation)
+
+
+_collector: GuiThreadCollector | None = None
+
+
+def collect_on_gui_thread() -> None:
+    """Install the GUI-thread collector once (called on the GUI thread, with the app up)."""
+    global _collector
+    if _collector is None:
+        _collector = GuiThreadCollector()
+
+
 def running_job_count() -> int:
     """Jobs still executing on any runner's threads (used by tests to catch dangling work)."""
     return sum(r.thread_count() for r in list(_runners) if shiboken6.isValid(r))
@@ -112,6 +151,7 @@ class JobRunner(QObject):
         self._closed = False
         self._worker_progress.connect(self._on_worker_progress)
         self._worker_partial.connect(self._on_worker_partial)
+        collect_on_gui_thread()
         self._worker_done.connect(self._on_worker_done)
         _runners.add(self)
 

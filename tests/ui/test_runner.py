@@ -161,3 +161,29 @@ def test_cancelled_stream_stops_and_emits_nothing_more(qtbot, runner: JobRunner)
     count = len(items)
     qtbot.wait(100)
     assert job.state == CANCELLED and len(items) == count and count <= len(produced)
+
+
+def test_garbage_is_collected_on_the_gui_thread_only(qtbot, runner: JobRunner) -> None:
+    import gc
+
+    threads: set[threading.Thread] = set()
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "start":
+            threads.add(threading.current_thread())
+
+    def churn(progress, cancel):  # type: ignore[no-untyped-def]
+        for _ in range(200_000):
+            cycle: list = []
+            cycle.append(cycle)  # garbage only the cyclic collector frees
+        return "done"
+
+    gc.callbacks.append(seen)
+    try:
+        with qtbot.waitSignal(runner.finished, timeout=30_000):
+            runner.start("churn", churn)
+        qtbot.wait(1200)  # the GUI-thread collector's timer runs
+    finally:
+        gc.callbacks.remove(seen)
+    assert not gc.isenabled()
+    assert threads == {threading.current_thread()}  # collections ran, and only here
