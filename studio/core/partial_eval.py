@@ -72,6 +72,13 @@ class PartialRunner:
         ]
         return Region(self, frontier, ordered, full=False, reused=reused)
 
+    def run(self, x: torch.Tensor, names: set[str]) -> tuple[object, dict[str, torch.Tensor]]:
+        """The model's output for input ``x`` and the values of the named nodes on the way."""
+        assert self.graph_module is not None
+        env = _run(self.graph_module, list(self.graph_module.graph.nodes), {}, x)
+        values = {n.name: v for n, v in env.items() if isinstance(n, fx.Node) and n.name in names}
+        return env["__output__"], values
+
     def node_values(self, x: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
         """Values of the named nodes for input ``x``, computing only what they need."""
         assert self.graph_module is not None

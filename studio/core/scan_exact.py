@@ -36,13 +36,41 @@ SLICEABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # losing output channels = select
 Chunks = list[tuple[int, torch.Tensor]]  # (index of the batch, micro-batch of its inputs)
 
 
+def exact_reference(scan: SensitivityScan, targets: list[ScanTarget], xs: list) -> list:
+    """The unchanged model's outputs for the batches ``xs``. For a traced model they are
+    computed in micro-batches in the same pass that stores the activations entering every
+    target's region, kept in ``scan._store`` for :func:`exact_rows`."""
+    module = scan.model.module
+    runner = PartialRunner(module)
+    if not runner.traced:
+        with torch.inference_mode():
+            return [module(x).float() for x in xs]
+    chunks = _chunks(scan, xs)
+    names = _frontier_names(runner, targets)
+    outputs: list[torch.Tensor] = []
+    store: list[dict[str, torch.Tensor]] | None = []
+    with torch.inference_mode():
+        for _, x in chunks:
+            out, values = runner.run(x, names)
+            outputs.append(out.float())  # type: ignore[union-attr]
+            if store is not None:
+                store.append(values)
+                if _store_bytes(store[0], len(x), len(scan.data)) > MAX_STORE_BYTES:
+                    store = None
+    scan._store = (chunks, store)
+    return _regroup(outputs, chunks)
+
+
 def exact_rows(scan: SensitivityScan, todo: list, cancel: CancelToken | None) -> Iterator[ScanRow]:
     """Measure ``todo`` [(target, ratios)] with the exact method, in parallel when it can."""
     if scan.settings.mode == "structured":
         for target, _ in todo:
             scan._channel_scores(target)  # computed once, before any thread starts
-    chunks = _chunks(scan)
-    store = _frontier_store(scan, todo, chunks)
+    if scan._store is not None:  # from exact_reference, for every target
+        chunks, store = scan._store
+    else:
+        chunks = _chunks(scan, [x for x, _ in scan._batches])
+        store = _frontier_store(scan, todo, chunks)
     workers = min(scan.workers, len(todo))
     if workers == 1:
         replica = Replica(scan)
@@ -97,16 +125,12 @@ def _select(outputs: list[torch.Tensor], kept: list[torch.Tensor | None]) -> lis
     return [out if k is None else out.index_select(1, k) for out, k in zip(outputs, kept)]
 
 
-def _chunks(scan: SensitivityScan) -> Chunks:
+def _chunks(scan: SensitivityScan, xs: list[torch.Tensor]) -> Chunks:
     """Every batch cut into micro-batches whose largest activation takes about CHUNK_BYTES
     (outputs do not depend on how a batch is cut; :func:`_regroup` joins them again)."""
     peak = peak_bytes(scan.model.module, scan.model.example_input())
     size = max(1, CHUNK_BYTES // max(1, peak))
-    return [
-        (b, x[i : i + size])
-        for b, (x, _) in enumerate(scan._batches)
-        for i in range(0, len(x), size)
-    ]
+    return [(b, x[i : i + size]) for b, x in enumerate(xs) for i in range(0, len(x), size)]
 
 
 def _regroup(outputs: list[torch.Tensor], chunks: Chunks) -> list[torch.Tensor]:
@@ -117,6 +141,22 @@ def _regroup(outputs: list[torch.Tensor], chunks: Chunks) -> list[torch.Tensor]:
     return [torch.cat(p) if len(p) > 1 else p[0] for p in parts.values()]
 
 
+def _frontier_names(runner: PartialRunner, targets: list) -> set[str]:
+    """Names of the values entering the regions of ``targets`` (or of [(target, ratios)])."""
+    names: set[str] = set()
+    for item in targets:
+        region = runner.region((item[0] if isinstance(item, tuple) else item).layers)
+        if not region.full:
+            names.update(region.frontier_names)
+    return names
+
+
+def _store_bytes(first: dict, chunk: int, total: int) -> float:
+    """The size of a store whose first micro-batch of ``chunk`` inputs holds ``first``."""
+    size = sum(v.numel() * v.element_size() for v in first.values() if isinstance(v, torch.Tensor))
+    return size * total / max(1, chunk)
+
+
 def _frontier_store(
     scan: SensitivityScan, todo: list, chunks: Chunks
 ) -> list[dict[str, torch.Tensor]] | None:
@@ -124,27 +164,15 @@ def _frontier_store(
     or None when they would take more than MAX_STORE_BYTES (then each target computes its
     own)."""
     runner = PartialRunner(scan.model.module)
-    if not runner.traced:
-        return None
-    names: set[str] = set()
-    for target, _ in todo:
-        region = runner.region(target.layers)
-        if not region.full:
-            names.update(region.frontier_names)
+    names = _frontier_names(runner, todo) if runner.traced else set()
     if not names:
         return None
     store = []
     with torch.inference_mode():
-        for i, (_, x) in enumerate(chunks):
+        for _, x in chunks:
             store.append(runner.node_values(x, names))
-            if i == 0:
-                size = sum(
-                    v.numel() * v.element_size()
-                    for v in store[0].values()
-                    if isinstance(v, torch.Tensor)
-                )
-                if size * len(scan.data) / max(1, len(x)) > MAX_STORE_BYTES:
-                    return None
+            if _store_bytes(store[0], len(x), len(scan.data)) > MAX_STORE_BYTES:
+                return None
     return store
 
 

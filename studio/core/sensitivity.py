@@ -35,7 +35,7 @@ from studio.core.jobs import CancelToken, ProgressFn, check, report
 from studio.core.masks import MASKABLE, channels_to_prune, nm_view, weight_mask
 from studio.core.models import LoadedModel
 from studio.core.paths import cache_dir
-from studio.core.scan_exact import exact_rows
+from studio.core.scan_exact import exact_reference, exact_rows
 from studio.core.sensitivity_types import ScanReport, ScanRow, ScanSettings, ScanTarget
 
 CACHE_VERSION = 1
@@ -66,6 +66,7 @@ class SensitivityScan:
         self._ref: list[torch.Tensor] = []
         self._cache_path: Path | None = None
         self._taylor_sums: dict[str, torch.Tensor] = {}
+        self._store: tuple | None = None  # exact: (micro-batches, values entering regions)
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -90,10 +91,12 @@ class SensitivityScan:
             self._ref, labels = self._taylor_pass(targets, cancel)
         else:
             bs = self.settings.batch_size
-            with torch.inference_mode():
-                self._ref = [
-                    module(self.data.x[i : i + bs]).float() for i in range(0, len(self.data), bs)
-                ]
+            xs = [self.data.x[i : i + bs] for i in range(0, len(self.data), bs)]
+            if self.settings.method == "exact":  # with the activations the scan reuses
+                self._ref = exact_reference(self, targets, xs)
+            else:
+                with torch.inference_mode():
+                    self._ref = [module(x).float() for x in xs]
             labels = [
                 self.data.y[i : i + bs] if self.data.y is not None else ref.argmax(1)
                 for i, ref in zip(range(0, len(self.data), bs), self._ref)
@@ -199,7 +202,10 @@ class SensitivityScan:
 
     def _pruned_indices(self, target: ScanTarget, ratio: float) -> list[int]:
         scores = self._channel_scores(target)
-        heads = graph.fused_qkv_heads(self.model.module, target.name)
+        key = f"heads:{target.name}"
+        if key not in self._targets:  # looked up once: it walks every module
+            self._targets[key] = graph.fused_qkv_heads(self.model.module, target.name)
+        heads: int | None = self._targets[key]  # type: ignore[assignment]
         if heads:  # attention: the same head dimensions in q, k and v, equally per head
             per_head = channels_to_prune(len(scores) // 3 // heads, ratio)
             return graph.qkv_channels(scores, heads, per_head)
