@@ -37,8 +37,9 @@ class JobProgressWidget(QWidget):
         self.setVisible(False)
 
     def current(self) -> Job | None:
+        """The oldest job: the one running (the others wait their turn)."""
         jobs = self.runner.jobs
-        return jobs[-1] if jobs else None
+        return jobs[0] if jobs else None
 
     def cancel_current(self) -> None:
         job = self.current()
@@ -55,7 +56,7 @@ class JobProgressWidget(QWidget):
         others = len(self.runner.jobs) - 1
         text = job.name + (f": {job.message}" if job.message else "")
         if others:
-            text += f"  (+{others} more)"
+            text += f"  (+{others} waiting)"
         if job.token.cancelled:
             text = f"Cancelling {job.name}…"
         self.label.setText(text)

@@ -143,7 +143,14 @@ class JobRunner(QObject):
     _worker_partial = Signal(object, object)
     _worker_done = Signal(object, str, object, object, str)  # job, state, result, error, traceback
 
-    def __init__(self, parent: QObject | None = None, max_threads: int = 4) -> None:
+    def __init__(self, parent: QObject | None = None, max_threads: int = 1) -> None:
+        """``max_threads`` jobs run at once; by default one, the rest wait their turn.
+
+        Jobs run models, and torch.fx tracing (scans, blocks) patches ``nn.Module.__call__``
+        for the whole process while it traces: a second job running a model at that moment
+        fails. One job at a time is also all two cores can use: each job's torch ops already
+        use every core.
+        """
         super().__init__(parent)
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(max_threads)

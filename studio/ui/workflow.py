@@ -82,8 +82,8 @@ class Workflow(QObject):
         if trust_pickle:
             request = replace(request, trust_pickle=True)
         spec = request.spec
-        for job in (self._load_job, self._inventory_job, self._eval_job):
-            if job is not None and not job.done:
+        for job in self.runner.jobs:  # scans, plans and pruning of the old model are of no use
+            if job is not self._data_job:
                 job.cancel()
 
         def load(progress: ProgressFn, cancel: CancelToken) -> core_models.LoadedModel:
@@ -113,8 +113,9 @@ class Workflow(QObject):
 
     def open_data(self, spec: str) -> Job:
         """Load a data set ("demo", a folder or an .npz) and evaluate the model on it."""
-        if self._data_job is not None and not self._data_job.done:
-            self._data_job.cancel()
+        for job in self.runner.jobs:  # everything measured on the old data is of no use
+            if job not in (self._load_job, self._inventory_job):
+                job.cancel()
 
         def load(progress: ProgressFn, cancel: CancelToken) -> core_data.DataSet:
             progress(0.0, f"reading {spec}")
