@@ -139,6 +139,7 @@ class ComparePanel(QWidget):
                 f"{getattr(result, 'sparsity', 0.0):.1%}, compression "
                 f"{getattr(result, 'compression', 1.0):.2f}×"
             )
+        lines += list(getattr(result, "notes", ()))
         if skipped:
             names = ", ".join(f"{layer} ({reason})" for layer, reason in skipped[:3])
             lines.append(
@@ -163,7 +164,7 @@ class ComparePanel(QWidget):
                 self.table.setItem(i, column, item)
 
     def _draw_chart(self) -> None:
-        shown = [r for r in self.rows if r[3] > 0]
+        shown = [r for r in self.rows if r[1].count("×") >= 1]  # conv and linear weights
         y = np.arange(len(shown), dtype=float)
         before = np.array([r[3] for r in shown], dtype=float)
         after = np.array([r[4] for r in shown], dtype=float)

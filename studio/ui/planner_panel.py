@@ -311,6 +311,8 @@ class PlannerPanel(QWidget):
             f"MACs {result.macs_before:,} → {result.macs_after:,} in "
             f"{fmt.duration(result.seconds)}"
         )
+        for note in getattr(result, "notes", ()):
+            s.log(note)
         for layer, reason in getattr(result, "skipped", ()):
             s.log(f"Rolled back {layer}: {reason}", WARNING)
 
