@@ -71,6 +71,7 @@ def exact_rows(scan: SensitivityScan, todo: list, cancel: CancelToken | None) ->
     else:
         chunks = _chunks(scan, [x for x, _ in scan._batches])
         store = _frontier_store(scan, todo, chunks)
+    scan._store = None  # not kept past the scan (a later run computes it again)
     workers = min(scan.workers, len(todo))
     if workers == 1:
         replica = Replica(scan)
