@@ -35,7 +35,7 @@ from torch import nn
 
 from studio.core import graph
 from studio.core.errors import StudioError
-from studio.core.inventory import _trace
+from studio.core.inventory import trace_layers
 from studio.core.masks import MASKABLE, nm_view
 from studio.core.models import LoadedModel
 from studio.core.plan import METHODS
@@ -80,7 +80,7 @@ class CostModel:
             model.require("structural pruning")
         module = model.module
         x = model.example_input()
-        _shapes, macs = _trace(module, x)
+        _shapes, macs = trace_layers(module, x)
         params = sum(p.numel() for p in module.parameters())
         total_macs = sum(macs.values())
         build = {"structured": _structured, "blocks": _blocks}.get(method, _weights)

@@ -68,7 +68,7 @@ def build_inventory(
     module = model.module
     x = model.example_input()
     report(progress, 0.05, "counting parameters and MACs")
-    shapes, macs = _trace(module, x)
+    shapes, macs = trace_layers(module, x)
     check(cancel)
     report(progress, 0.4, "building the dependency graph")
     groups: list[graph.DependencyGroup] = []
@@ -88,7 +88,7 @@ def build_inventory(
     group_of = {name: i for i, g in enumerate(groups) for name in g.consumers}
     group_of.update({name: i for i, g in enumerate(groups) for name in g.members})
     layers = []
-    for name, mod in _rows(module, macs):
+    for name, mod in layer_rows(module, macs):
         params = sum(p.numel() for p in mod.parameters(recurse=False))
         gid = group_of.get(name)
         reason = "" if gid is not None else _reason(name, mod, params, graph_error)
@@ -119,7 +119,7 @@ def build_inventory(
     )
 
 
-def _rows(module: nn.Module, macs: dict[str, int]) -> list[tuple[str, nn.Module]]:
+def layer_rows(module: nn.Module, macs: dict[str, int]) -> list[tuple[str, nn.Module]]:
     """Leaf modules, plus any module that holds parameters or MACs of its own."""
     rows = []
     for name, mod in module.named_modules():
@@ -151,7 +151,9 @@ class _MacCounter(TorchDispatchMode):
         return out
 
 
-def _trace(module: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+def trace_layers(
+    module: nn.Module, x: torch.Tensor
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Output shape and own MACs of every module, from one forward pass."""
     names = {m: n for n, m in module.named_modules()}
     shapes: dict[str, tuple[int, ...]] = {}

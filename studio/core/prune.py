@@ -25,7 +25,7 @@ from studio.core.costs import BLOCK_REMOVED
 from studio.core.data import DataSet
 from studio.core.errors import StudioError
 from studio.core.evaluate import EvalResult, evaluate
-from studio.core.inventory import _rows, _trace
+from studio.core.inventory import layer_rows, trace_layers
 from studio.core.jobs import CancelToken, ProgressFn, check, report, sub_progress
 from studio.core.models import EAGER, ONNX, LoadedModel
 from studio.core.plan import NEEDS_DATA, PruningPlan
@@ -256,8 +256,8 @@ def _remove_blocks(
 def _counts(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
     """Parameters, MACs (as the inventory counts them) and bytes of the saved state."""
     params = sum(p.numel() for p in module.parameters())
-    _, macs = _trace(module, x)
-    total_macs = sum(macs.get(name, 0) for name, _ in _rows(module, macs))
+    _, macs = trace_layers(module, x)
+    total_macs = sum(macs.get(name, 0) for name, _ in layer_rows(module, macs))
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     return params, total_macs, len(buffer.getvalue())

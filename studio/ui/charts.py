@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pyqtgraph as pg
 from PySide6.QtCore import QBuffer, QIODevice
-from PySide6.QtWidgets import QFileDialog, QWidget
+from PySide6.QtWidgets import QFileDialog, QPushButton, QWidget
 
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
@@ -55,22 +55,48 @@ def ask_save_path(parent: QWidget, title: str, suggested: str, file_filter: str)
     return path if path.lower().endswith(suffix) else path + suffix
 
 
-def save_with_dialog(
-    parent: QWidget,
-    title: str,
-    suggested: str,
-    file_filter: str,
-    save: Callable[[str], Path],
-    session: Session,
-) -> str | None:
-    """Ask where, save, and log it; the one-line error message if saving failed."""
-    path = ask_save_path(parent, title, suggested, file_filter)
-    if not path:
-        return None
-    try:
-        written = save(path)
-    except StudioError as exc:
-        session.log(f"Could not save: {exc}", ERROR)
-        return str(exc)
-    session.log(f"Saved {written}")
-    return None
+def model_stem(session: Session) -> str:
+    """The first word of the model's name, for suggested file names."""
+    return session.model.name.split()[0] if session.model else "model"
+
+
+class SaveButtons:
+    """A panel's "Save PNG…" and "Save CSV…" buttons: ask where, write through the panel's
+    ``save_png(path)`` / ``save_csv(path)``, log it, and report a failure to ``on_error``."""
+
+    def __init__(
+        self,
+        parent: QWidget,
+        session: Session,
+        save_png: Callable[[str], Path],
+        save_csv: Callable[[str], Path],
+        suggested: Callable[[str], str],
+        titles: tuple[str, str],
+        on_error: Callable[[str, str], None],
+    ) -> None:
+        self.parent, self.session, self.suggested, self.on_error = (
+            parent,
+            session,
+            suggested,
+            on_error,
+        )
+        self.png = QPushButton("Save PNG…")
+        self.csv = QPushButton("Save CSV…")
+        self.png.clicked.connect(lambda: self._save(save_png, titles[0], ".png", PNG_FILTER))
+        self.csv.clicked.connect(lambda: self._save(save_csv, titles[1], ".csv", CSV_FILTER))
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.png.setEnabled(enabled)
+        self.csv.setEnabled(enabled)
+
+    def _save(self, save: Callable[[str], Path], title: str, suffix: str, filt: str) -> None:
+        path = ask_save_path(self.parent, title, self.suggested(suffix), filt)
+        if not path:
+            return
+        try:
+            written = save(path)
+        except StudioError as exc:
+            self.session.log(f"Could not save: {exc}", ERROR)
+            self.on_error("Could not save", str(exc))
+            return
+        self.session.log(f"Saved {written}")

@@ -13,7 +13,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QPushButton,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -78,10 +77,16 @@ class ComparePanel(QWidget):
         self.header = QLabel("Apply a plan in the Planner tab to compare the result here.")
         self.header.setWordWrap(True)
         self.header.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.save_png_button = QPushButton("Save PNG…")
-        self.save_csv_button = QPushButton("Save CSV…")
-        self.save_png_button.clicked.connect(self._ask_save_png)
-        self.save_csv_button.clicked.connect(self._ask_save_csv)
+        self.saving = charts.SaveButtons(
+            self,
+            session,
+            self.save_png,
+            self.save_csv,
+            lambda suffix: charts.model_stem(session) + "-pruned-layers" + suffix,
+            ("Save chart", "Save comparison"),
+            self.error.emit,
+        )
+        self.save_png_button, self.save_csv_button = self.saving.png, self.saving.csv
         top = QHBoxLayout()
         top.addWidget(self.header, 1)
         top.addWidget(self.save_png_button)
@@ -202,17 +207,4 @@ class ComparePanel(QWidget):
         return write_atomic(path, self.csv(), self.session.input_files())
 
     def _update_buttons(self) -> None:
-        for button in (self.save_png_button, self.save_csv_button):
-            button.setEnabled(bool(self.rows))
-
-    def _ask_save_png(self) -> None:
-        self._ask(self.save_png, "Save chart", "-pruned-layers.png", charts.PNG_FILTER)
-
-    def _ask_save_csv(self) -> None:
-        self._ask(self.save_csv, "Save comparison", "-pruned-layers.csv", charts.CSV_FILTER)
-
-    def _ask(self, save: Any, title: str, suffix: str, filt: str) -> None:
-        name = self.session.model.name.split()[0] if self.session.model else "model"
-        message = charts.save_with_dialog(self, title, name + suffix, filt, save, self.session)
-        if message:
-            self.error.emit("Could not save", message)
+        self.saving.set_enabled(bool(self.rows))

@@ -7,7 +7,7 @@ disk by the core as they finish, so a cancelled scan resumes where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +97,16 @@ class SensitivityPanel(QWidget):
         self.sort = QComboBox()
         self.sort.addItems(SORTS)
         self.sort.setToolTip("Sensitivity is the mean drop over the measured ratios")
-        self.save_png_button = QPushButton("Save PNG…")
-        self.save_csv_button = QPushButton("Save CSV…")
-        self.save_png_button.clicked.connect(self._ask_save_png)
-        self.save_csv_button.clicked.connect(self._ask_save_csv)
+        self.saving = charts.SaveButtons(
+            self,
+            self.session,
+            self.save_png,
+            self.save_csv,
+            self._suggested,
+            ("Save heatmap", "Save scan data"),
+            self.error.emit,
+        )
+        self.save_png_button, self.save_csv_button = self.saving.png, self.saving.csv
         view_row = QHBoxLayout()
         view_row.addWidget(QLabel("Rows"))
         view_row.addWidget(self.sort)
@@ -374,8 +380,7 @@ class SensitivityPanel(QWidget):
         self.cancel_button.setEnabled(self.running)
         self.controls.set_running(self.running)
         has_rows = self.report is not None and bool(self.report.rows)
-        self.save_png_button.setEnabled(has_rows)
-        self.save_csv_button.setEnabled(has_rows)
+        self.saving.set_enabled(has_rows)
         self.bar.setVisible(self.running)
 
     # --- saving --------------------------------------------------------------------------
@@ -384,14 +389,3 @@ class SensitivityPanel(QWidget):
         name = self.session.model.name if self.session.model else "scan"
         mode = self.report.settings.mode if self.report else "scan"
         return f"{Path(name).stem}-sensitivity-{mode}{suffix}"
-
-    def _ask_save_png(self) -> None:
-        self._ask(self.save_png, "Save heatmap", self._suggested(".png"), charts.PNG_FILTER)
-
-    def _ask_save_csv(self) -> None:
-        self._ask(self.save_csv, "Save scan data", self._suggested(".csv"), charts.CSV_FILTER)
-
-    def _ask(self, save: Callable[[str], Path], title: str, suggested: str, filt: str) -> None:
-        message = charts.save_with_dialog(self, title, suggested, filt, save, self.session)
-        if message:
-            self.error.emit("Could not save", message)

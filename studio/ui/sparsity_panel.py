@@ -8,7 +8,6 @@ is 100 %). Each layer's overall sparsity is in the hover text and the CSV.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
-    QPushButton,
     QVBoxLayout,
     QWidget,
 )
@@ -79,8 +77,16 @@ class SparsityPanel(QWidget):
         self.view.setToolTip("What the colour shows")
         self.status = QLabel("Open a model to see its sparsity and channel norms.")
         self.status.setWordWrap(True)
-        self.save_png_button = QPushButton("Save PNG…")
-        self.save_csv_button = QPushButton("Save CSV…")
+        self.saving = charts.SaveButtons(
+            self,
+            session,
+            self.save_png,
+            self.save_csv,
+            lambda suffix: charts.model_stem(session) + "-channel-norms" + suffix,
+            ("Save sparsity heatmap", "Save channel norms"),
+            self.error.emit,
+        )
+        self.save_png_button, self.save_csv_button = self.saving.png, self.saving.csv
         controls = QHBoxLayout()
         controls.addWidget(QLabel("Show"))
         controls.addWidget(self.view)
@@ -96,8 +102,6 @@ class SparsityPanel(QWidget):
         layout.addWidget(self.heatmap, 1)
         self.norm.currentIndexChanged.connect(self.refresh)
         self.view.currentIndexChanged.connect(self._show)
-        self.save_png_button.clicked.connect(self._ask_save_png)
-        self.save_csv_button.clicked.connect(self._ask_save_csv)
         runner.finished.connect(self._on_finished)
         runner.failed.connect(self._on_failed)
         session.model_changed.connect(self.refresh)
@@ -207,19 +211,4 @@ class SparsityPanel(QWidget):
         return write_atomic(path, self.csv(), self.session.input_files())
 
     def _update_buttons(self) -> None:
-        for button in (self.save_png_button, self.save_csv_button):
-            button.setEnabled(bool(self.layers))
-
-    def _ask_save_png(self) -> None:
-        self._ask(self.save_png, "Save sparsity heatmaps", "-sparsity.png", charts.PNG_FILTER)
-
-    def _ask_save_csv(self) -> None:
-        self._ask(self.save_csv, "Save channel norms", "-channel-norms.csv", charts.CSV_FILTER)
-
-    def _ask(self, save: Callable[[str], Path], title: str, suffix: str, filt: str) -> None:
-        name = self.session.model.name if self.session.model else "model"
-        message = charts.save_with_dialog(
-            self, title, name.split()[0] + suffix, filt, save, self.session
-        )
-        if message:
-            self.error.emit("Could not save", message)
+        self.saving.set_enabled(bool(self.layers))
