@@ -54,3 +54,30 @@ def sub_progress(progress: ProgressFn | None, start: float, end: float) -> Progr
         progress(start + (end - start) * min(max(fraction, 0.0), 1.0), message)
 
     return mapped
+
+
+class PauseToken:
+    """Thread-safe pause flag: a long job calls :meth:`wait` between steps and blocks there
+    while paused; a cancel request ends the wait promptly with :class:`Cancelled`."""
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self) -> None:
+        self._running = threading.Event()
+        self._running.set()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def wait(self, cancel: CancelToken | None = None) -> None:
+        """Return at once unless paused; while paused, block until resumed or cancelled."""
+        while not self._running.wait(self.POLL_SECONDS):
+            check(cancel)
+        check(cancel)
