@@ -1,0 +1,118 @@
+"""Training checkpoints that load without trusting pickles.
+
+A checkpoint is a ``torch.save`` dict of tensors and plain values only, read back with
+``torch.load(weights_only=True)``. It holds the model's state_dict *and its shapes*: the plain
+attributes of every layer (channel counts, features, groups) as
+:mod:`studio.core.pruned_file` stores them. Resuming takes a copy of the job's student (the
+same in-memory architecture), gives every layer the saved attributes and puts the saved
+tensors in place whatever their shapes, so a model whose channels were removed by gradual
+pruning after the student was given resumes too, at epoch granularity.
+
+Two files live in the checkpoint folder: ``last.pt`` (written after every epoch: model,
+optimizer, masks, history, counters) and ``best.pt`` (the best epoch's model). Both are written
+atomically, so a crash leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from studio.core.errors import StudioError
+from studio.core.files import write_atomic
+
+FORMAT_KEY = "studio_checkpoint"
+FORMAT_VERSION = 1
+LAST, BEST = "last.pt", "best.pt"
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def model_state(module: nn.Module) -> dict[str, Any]:
+    """Shapes (plain layer attributes) and tensors of ``module``, copied to the CPU."""
+    return {
+        "attributes": {name: _attributes(mod) for name, mod in module.named_modules()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+    }
+
+
+def restore_model(module: nn.Module, state: dict[str, Any], source: str) -> None:
+    """Give ``module`` (a copy of the architecture the state was taken from) the saved
+    attributes and tensors, in place, whatever the tensors' shapes."""
+    try:
+        attributes: dict = state["attributes"]
+        tensors: dict = state["state_dict"]
+    except (KeyError, TypeError):
+        raise StudioError(f"{source} is a damaged checkpoint (no model state)") from None
+    mods = dict(module.named_modules())
+    for name, attrs in attributes.items():
+        mod = mods.get(name)
+        if mod is None:
+            raise StudioError(f"{source} does not fit this model: it has no layer {name!r}")
+        for key, value in attrs.items():
+            if key in vars(mod):
+                setattr(mod, key, value)
+    expected = set(module.state_dict())
+    if expected != set(tensors):
+        odd = sorted(expected ^ set(tensors))[:3]
+        raise StudioError(f"{source} does not fit this model: weights {odd} differ")
+    for key, tensor in tensors.items():
+        owner, _, attr = key.rpartition(".")
+        mod = module.get_submodule(owner)
+        if attr in mod._parameters:
+            old = mod._parameters[attr]
+            grad = old.requires_grad if old is not None else True
+            mod._parameters[attr] = nn.Parameter(tensor.clone(), requires_grad=grad)
+        else:
+            mod._buffers[attr] = tensor.clone()
+
+
+def save_checkpoint(folder: Path, name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (tensors and plain values) as ``folder/name``, atomically."""
+    buffer = io.BytesIO()
+    torch.save({FORMAT_KEY: FORMAT_VERSION, **payload}, buffer)
+    return write_atomic(folder / name, buffer.getvalue())
+
+
+def load_checkpoint(folder: Path, name: str) -> dict[str, Any] | None:
+    """The checkpoint ``folder/name``, or None if there is none."""
+    path = folder / name
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or holding code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StudioError(f"cannot read checkpoint {path}: {first}"[:300]) from None
+    if not isinstance(data, dict) or data.get(FORMAT_KEY) != FORMAT_VERSION:
+        raise StudioError(f"{path} is not a training checkpoint of this studio")
+    return data
+
+
+def prepare_folder(folder: Path) -> Path:
+    """Create the checkpoint folder if needed (its parent must exist)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise StudioError(f"checkpoint folder {folder} is a file")
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise StudioError(
+                f"cannot create checkpoint folder {folder}: no folder {folder.parent}"
+            )
+        folder.mkdir()
+    return folder
+
+
+def _attributes(mod: nn.Module) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in vars(mod).items()
+        if not k.startswith("_")
+        and (
+            isinstance(v, _PLAIN)
+            or (isinstance(v, (tuple, list)) and all(isinstance(i, _PLAIN) for i in v))
+        )
+    }

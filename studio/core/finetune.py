@@ -1,0 +1,527 @@
+"""The training engine: fine-tuning, knowledge distillation and gradual pruning of a model.
+
+:class:`FinetuneJob` trains a copy of the student (the caller's module is never changed) and
+yields a :class:`TrainRecord` every few steps and at every epoch's end, for the live charts.
+Between steps it checks the cancel token and waits while the pause token is set. The loss is
+cross-entropy with the labels, blended with ``T^2 * KL(teacher/T || student/T)`` by
+``distill_weight`` when a teacher is given (distillation alone on unlabeled data). Zeros in
+the student's weights (unstructured and 2:4 models) are kept zero: their gradients are masked
+and they are zeroed again after every optimizer step. With a :class:`GradualSchedule` the plan
+is applied in steps during training (see :mod:`studio.core.train_gradual`). With a checkpoint
+folder the best epoch and the last epoch are saved (:mod:`studio.core.checkpoint`) and a job
+made again with the same folder continues after the last finished epoch.
+
+Measured on the demo (2 CPU cores): the 50%-MACs structured plan allocated by sensitivity
+falls from 99.17% to 93.33% validation accuracy; ``studio finetune --data demo:train
+--teacher demo`` with the default settings brings it back to within a point (see the commit
+log of this module for the figures).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio.core import checkpoint as ckpt
+from studio.core.data import DataSet
+from studio.core.errors import StudioError
+from studio.core.evaluate import default_device, fidelity, predict
+from studio.core.jobs import CancelToken, PauseToken, ProgressFn, check, report
+from studio.core.models import LoadedModel
+from studio.core.train_gradual import GradualPruner
+from studio.core.train_schedule import GradualSchedule, augment, lr_factor
+from studio.core.train_types import FinetuneResult, FinetuneSettings, TrainRecord, history_csv
+
+__all__ = [
+    "FinetuneJob",
+    "FinetuneResult",
+    "FinetuneSettings",
+    "GradualSchedule",
+    "TrainRecord",
+    "history_csv",
+    "weight_sparsity",
+]
+
+RECORDS_PER_EPOCH = 12
+
+
+class FinetuneJob:
+    """One training run of ``student`` on ``train``, validated on ``val`` after every epoch.
+
+    Made with a ``checkpoint_dir`` that holds a run's last checkpoint, the job continues that
+    run: ``history`` and ``resumed_from`` are filled in here, and :meth:`run` trains the
+    remaining epochs only (yielding their records).
+    """
+
+    def __init__(
+        self,
+        student: LoadedModel,
+        train: DataSet,
+        val: DataSet,
+        settings: FinetuneSettings | None = None,
+        teacher: LoadedModel | None = None,
+        checkpoint_dir: Path | str | None = None,
+        gradual: GradualSchedule | None = None,
+    ) -> None:
+        student.require("fine-tuning")
+        self.settings = settings or FinetuneSettings()
+        for data, what in ((train, "training"), (val, "validation")):
+            if len(data) < 2:
+                raise StudioError(f"the {what} data {data.name} needs at least 2 samples")
+            if data.sample_shape != tuple(student.input_shape[1:]):
+                raise StudioError(
+                    f"{student.name} takes inputs of shape {tuple(student.input_shape[1:])}, "
+                    f"but {data.name} has {data.sample_shape}"
+                )
+            if not data.labelled and teacher is None:
+                raise StudioError(
+                    f"the {what} data {data.name} has no labels: give a teacher to distil from"
+                )
+        if teacher is not None and teacher.kind not in ("eager", "onnx", "torchscript", "exported"):
+            raise StudioError(f"cannot use {teacher.name} as a teacher")
+        if gradual is not None:
+            from studio.core.prune import prune_targets
+
+            gradual.plan.check_model(
+                student.fingerprint(), set(prune_targets(student, gradual.plan.method))
+            )
+        self.student, self.train, self.val, self.teacher = student, train, val, teacher
+        self.gradual = gradual
+        self.checkpoint_dir = ckpt.prepare_folder(Path(checkpoint_dir)) if checkpoint_dir else None
+        self.metric = "accuracy" if val.labelled else "agreement"
+        self.steps_per_epoch = len(train) // self.settings.batch_size + (
+            1 if len(train) % self.settings.batch_size > 1 else 0
+        )
+        self.total_steps = self.steps_per_epoch * self.settings.epochs
+        self.history: list[TrainRecord] = []
+        self.before: dict[str, float | None] = {}  # the student's validation metrics
+        self.teacher_metrics: dict[str, float | None] = {}
+        self.resumed_from = 0
+        self.result: FinetuneResult | None = None
+        self._fingerprint = student.fingerprint()
+        self._resume: dict[str, Any] | None = None
+        if self.checkpoint_dir is not None:
+            self._resume = ckpt.load_checkpoint(self.checkpoint_dir, ckpt.LAST)
+            if self._resume is not None:
+                self._check_resume(self._resume)
+
+    # ---- public -------------------------------------------------------------------------
+
+    def run(
+        self,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+        pause: PauseToken | None = None,
+    ) -> Iterator[TrainRecord]:
+        """Train, yielding step and epoch records; ``self.result`` is set at the end."""
+        threads = torch.get_num_threads()
+        device = self._device()
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        try:
+            yield from self._run(device, progress, cancel, pause)
+        finally:
+            torch.set_num_threads(threads)
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def _run(
+        self,
+        device: torch.device,
+        progress: ProgressFn | None,
+        cancel: CancelToken | None,
+        pause: PauseToken | None,
+    ) -> Iterator[TrainRecord]:
+        s = self.settings
+        started = time.monotonic()
+        report(progress, 0.0, "preparing")
+        module = copy.deepcopy(self.student.module).to(device)
+        teacher = None
+        if self.teacher is not None:
+            teacher = copy.deepcopy(self.teacher.module).eval()
+            teacher = teacher.to(device) if hasattr(teacher, "to") else teacher
+            for p in getattr(teacher, "parameters", lambda: [])():
+                p.requires_grad_(False)
+        val_ref = predict(teacher, self.val, device=device, cancel=cancel) if teacher else None
+        if val_ref is not None and self.val.labelled:
+            self.teacher_metrics = self._metrics(val_ref, None)
+        pruner = GradualPruner(self.gradual, self.student, self.train) if self.gradual else None
+        state = self._resume
+        if state is not None:
+            ckpt.restore_model(module, state["model"], "the last checkpoint")
+            module.to(device)
+            self.before = dict(state["before"])
+            if pruner is not None:
+                pruner.done = int(state["pruning_done"])
+            best = self._load_best(state)
+            prior_seconds = float(state["seconds"])
+        else:
+            check(cancel)
+            self.before = self._evaluate(module, val_ref, device, cancel)
+            best, prior_seconds = None, 0.0
+        masks = capture_masks(module)
+        optimizer = self._optimizer(module)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            masks = {k: v.to(device) for k, v in state["masks"].items()}
+        first_epoch = self.resumed_from
+        step = int(state["step"]) if state is not None else 0
+        stale = int(state["stale"]) if state is not None else 0
+        stopped = bool(state["stopped"]) if state is not None else False
+        x_all = self.train.x.to(device)
+        y_all = self.train.y.to(device) if self.train.y is not None else None
+        background = float(self.train.x.min())
+        base_lr = s.learning_rate
+        log_every = s.log_every_steps or max(1, self.steps_per_epoch // RECORDS_PER_EPOCH)
+        epoch = first_epoch
+        for epoch in range(first_epoch, s.epochs):
+            if stopped:
+                break
+            generator = torch.Generator().manual_seed(s.seed * 100_003 + epoch)
+            order = torch.randperm(len(self.train), generator=generator)
+            module.train()
+            window_loss, window_samples, window_time = 0.0, 0, 0.0
+            for i in range(self.steps_per_epoch):
+                if pause is not None:
+                    pause.wait(cancel)
+                check(cancel)
+                if pruner is not None and pruner.due(step, self.total_steps):
+                    module = pruner.apply(module, step, self.total_steps, device, cancel)
+                    module.train()
+                    masks = capture_masks(module)
+                    optimizer = self._optimizer(module)
+                tick = time.perf_counter()
+                idx = order[i * s.batch_size : (i + 1) * s.batch_size].to(device)
+                xb = augment(x_all[idx], s, generator, background)
+                yb = y_all[idx] if y_all is not None else None
+                lr = base_lr * lr_factor(s, step, self.steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self._loss(module, teacher, xb, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                apply_masks(module, masks, grads=True)
+                optimizer.step()
+                apply_masks(module, masks)
+                step += 1
+                window_loss += float(loss.detach()) * len(idx)
+                window_samples += len(idx)
+                window_time += time.perf_counter() - tick
+                if (i + 1) % log_every == 0 or i == self.steps_per_epoch - 1:
+                    record = TrainRecord(
+                        "step",
+                        step,
+                        round(epoch + (i + 1) / self.steps_per_epoch, 6),
+                        window_loss / max(1, window_samples),
+                        lr,
+                        weight_sparsity(module),
+                        window_samples / max(window_time, 1e-9),
+                        ratio_scale=pruner.scale if pruner else None,
+                    )
+                    self.history.append(record)
+                    report(progress, step / self.total_steps, f"epoch {record.epoch:.2f}")
+                    yield record
+                    window_loss, window_samples, window_time = 0.0, 0, 0.0
+            metrics = self._evaluate(module, val_ref, device, cancel)
+            module.train()
+            eligible = pruner is None or pruner.finished
+            is_best = eligible and (best is None or _better(metrics, best["metrics"], self.metric))
+            if is_best:
+                best = {"epoch": epoch + 1, "metrics": metrics, "model": ckpt.model_state(module)}
+                stale = 0
+            elif eligible:
+                stale += 1
+            stopped = bool(s.early_stopping_patience and stale >= s.early_stopping_patience)
+            record = TrainRecord(
+                "epoch",
+                step,
+                float(epoch + 1),
+                _epoch_loss(self.history, epoch),
+                lr,
+                weight_sparsity(module),
+                _epoch_speed(self.history, epoch),
+                val_accuracy=metrics.get("accuracy"),
+                val_loss=metrics.get("loss"),
+                agreement=metrics.get("agreement"),
+                is_best=is_best,
+                ratio_scale=pruner.scale if pruner else None,
+            )
+            self.history.append(record)
+            seconds = prior_seconds + time.monotonic() - started
+            if self.checkpoint_dir is not None:
+                self._save(module, optimizer, masks, step, epoch + 1, best, is_best, stale,
+                           stopped, pruner, seconds)  # fmt: skip
+            yield record
+        self.result = self._finish(best, stopped, prior_seconds + time.monotonic() - started)
+        report(progress, 1.0, "done")
+
+    # ---- pieces -------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        if self.settings.device == "cuda" and not torch.cuda.is_available():
+            raise StudioError("CUDA was asked for but no CUDA device is available")
+        if self.settings.device == "auto":
+            return default_device()
+        return torch.device(self.settings.device)
+
+    def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        s = self.settings
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() > 1], "weight_decay": s.weight_decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        ]
+        if s.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=s.learning_rate)
+        return torch.optim.SGD(groups, lr=s.learning_rate, momentum=s.momentum)
+
+    def _loss(
+        self,
+        module: nn.Module,
+        teacher: nn.Module | None,
+        xb: torch.Tensor,
+        yb: torch.Tensor | None,
+    ) -> torch.Tensor:
+        out = _logits(module(xb))
+        weight = self.settings.distill_weight if teacher is not None else 0.0
+        if yb is None:
+            weight = 1.0
+        loss = out.new_zeros(())
+        if weight < 1.0:
+            assert yb is not None
+            loss = loss + (1.0 - weight) * F.cross_entropy(out, yb)
+        if weight > 0.0:
+            assert teacher is not None
+            with torch.no_grad():
+                ref = _logits(teacher(xb))
+            t = self.settings.distill_temperature
+            kd = F.kl_div(
+                F.log_softmax(out / t, 1),
+                F.log_softmax(ref / t, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            loss = loss + weight * t * t * kd
+        return loss
+
+    def _evaluate(
+        self,
+        module: nn.Module,
+        val_ref: torch.Tensor | None,
+        device: torch.device,
+        cancel: CancelToken | None,
+    ) -> dict[str, float | None]:
+        logits = predict(module, self.val, device=device, cancel=cancel)
+        return self._metrics(logits, val_ref)
+
+    def _metrics(
+        self, logits: torch.Tensor, val_ref: torch.Tensor | None
+    ) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"accuracy": None, "loss": None, "agreement": None}
+        if self.val.y is not None:
+            if logits.shape[1] <= int(self.val.y.max()):
+                raise StudioError(
+                    f"the model has {logits.shape[1]} outputs but {self.val.name} has labels "
+                    f"up to {int(self.val.y.max())}"
+                )
+            out["accuracy"] = float((logits.argmax(1) == self.val.y).float().mean())
+            out["loss"] = float(F.cross_entropy(logits, self.val.y))
+        if val_ref is not None:
+            fid = fidelity(logits, val_ref)
+            out["agreement"] = fid["agreement"]
+            if self.val.y is None:
+                out["loss"] = fid["kl"]
+        return out
+
+    def _save(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        masks: dict[str, torch.Tensor],
+        step: int,
+        epochs_done: int,
+        best: dict[str, Any] | None,
+        is_best: bool,
+        stale: int,
+        stopped: bool,
+        pruner: GradualPruner | None,
+        seconds: float,
+    ) -> None:
+        folder = self.checkpoint_dir
+        assert folder is not None
+        if is_best and best is not None:  # before "last", which names it as the best
+            ckpt.save_checkpoint(
+                folder,
+                ckpt.BEST,
+                {"epoch": best["epoch"], "metrics": best["metrics"], "model": best["model"]},
+            )
+        ckpt.save_checkpoint(
+            folder,
+            ckpt.LAST,
+            {
+                "fingerprint": self._fingerprint,
+                "settings": self.settings.to_dict(),
+                "gradual": _gradual_key(self.gradual),
+                "epoch": epochs_done,
+                "step": step,
+                "stale": stale,
+                "stopped": stopped,
+                "seconds": seconds,
+                "pruning_done": pruner.done if pruner else 0,
+                "before": dict(self.before),
+                "best_epoch": best["epoch"] if best else 0,
+                "model": ckpt.model_state(module),
+                "optimizer": optimizer.state_dict(),
+                "masks": {k: v.cpu() for k, v in masks.items()},
+                "history": [r.to_dict() for r in self.history],
+            },
+        )
+
+    def _check_resume(self, state: dict[str, Any]) -> None:
+        folder = self.checkpoint_dir
+        try:
+            if state["fingerprint"] != self._fingerprint:
+                raise StudioError(
+                    f"the checkpoint in {folder} is of another model: give that model, or "
+                    "another checkpoint folder"
+                )
+            changed = self.settings.differences(state["settings"])
+            if changed:
+                raise StudioError(
+                    f"the checkpoint in {folder} was made with other settings "
+                    f"({', '.join(changed)}): use the same settings or another folder"
+                )
+            if state["gradual"] != _gradual_key(self.gradual):
+                raise StudioError(
+                    f"the checkpoint in {folder} was made with another gradual-pruning schedule"
+                )
+            self.history = [TrainRecord.from_dict(r) for r in state["history"]]
+            self.resumed_from = int(state["epoch"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StudioError(f"the checkpoint in {folder} is damaged ({exc})") from None
+
+    def _load_best(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        if not state.get("best_epoch"):
+            return None
+        assert self.checkpoint_dir is not None
+        best = ckpt.load_checkpoint(self.checkpoint_dir, ckpt.BEST)
+        if best is None or int(best["epoch"]) != int(state["best_epoch"]):
+            raise StudioError(
+                f"the best checkpoint in {self.checkpoint_dir} is missing or older than the last"
+            )
+        return {"epoch": int(best["epoch"]), "metrics": best["metrics"], "model": best["model"]}
+
+    def _finish(self, best: dict[str, Any] | None, stopped: bool, seconds: float) -> FinetuneResult:
+        module = copy.deepcopy(self.student.module).cpu()
+        if best is not None:
+            ckpt.restore_model(module, best["model"], "the best checkpoint")
+        module.eval()
+        after = best["metrics"] if best is not None else self.before
+        model = replace(
+            self.student,
+            module=module,
+            name=f"{self.student.name} (fine-tuned)",
+            notes=[],
+        )
+        epochs = [r for r in self.history if r.kind == "epoch"]
+        return FinetuneResult(
+            model=model,
+            epochs_run=len(epochs),
+            best_epoch=best["epoch"] if best is not None else 0,
+            accuracy_before=self.before.get("accuracy"),
+            accuracy_after=after.get("accuracy"),
+            agreement_before=self.before.get("agreement"),
+            agreement_after=after.get("agreement"),
+            loss_before=self.before.get("loss"),
+            loss_after=after.get("loss"),
+            seconds=seconds,
+            sparsity=weight_sparsity(module),
+            params=sum(p.numel() for p in module.parameters()),
+            history=list(self.history),
+            stopped_early=stopped,
+            resumed_from=self.resumed_from,
+            teacher_accuracy=self.teacher_metrics.get("accuracy"),
+        )
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def weight_sparsity(module: nn.Module) -> float:
+    """Fraction of exact zeros in the weights (parameters named *weight*, 2-D or more)."""
+    weights = [
+        p
+        for n, p in module.named_parameters()
+        if n.rsplit(".", 1)[-1].startswith("weight") and p.dim() >= 2
+    ]
+    total = sum(w.numel() for w in weights)
+    with torch.no_grad():
+        zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / total if total else 0.0
+
+
+def capture_masks(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Where each weight of 2 or more dimensions is exactly zero (only tensors with zeros)."""
+    with torch.no_grad():
+        zeros = {n: p == 0 for n, p in module.named_parameters() if p.dim() >= 2}
+    return {n: z for n, z in zeros.items() if bool(z.any())}
+
+
+def apply_masks(module: nn.Module, masks: dict[str, torch.Tensor], grads: bool = False) -> None:
+    """Zero the masked weights again (or their gradients, before the optimizer step)."""
+    if not masks:
+        return
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, zero in masks.items():
+            p = params[name]
+            if grads:
+                if p.grad is not None:
+                    p.grad.masked_fill_(zero, 0.0)
+            else:
+                p.masked_fill_(zero, 0.0)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise StudioError("the model's output is not a tensor; cannot train it")
+    return out.float().reshape(out.shape[0], -1)
+
+
+def _better(new: dict[str, Any], old: dict[str, Any], metric: str) -> bool:
+    a, b = new.get(metric) or 0.0, old.get(metric) or 0.0
+    if abs(a - b) > 1e-9:
+        return a > b
+    return (new.get("loss") or math.inf) < (old.get("loss") or math.inf)
+
+
+def _epoch_loss(history: list[TrainRecord], epoch: int) -> float:
+    steps = [r for r in history if r.kind == "step" and epoch < r.epoch <= epoch + 1]
+    return sum(r.loss for r in steps) / len(steps) if steps else float("nan")
+
+
+def _epoch_speed(history: list[TrainRecord], epoch: int) -> float:
+    steps = [r for r in history if r.kind == "step" and epoch < r.epoch <= epoch + 1]
+    return sum(r.samples_per_s for r in steps) / len(steps) if steps else 0.0
+
+
+def _gradual_key(gradual: GradualSchedule | None) -> dict[str, Any] | None:
+    if gradual is None:
+        return None
+    return {
+        "plan": gradual.plan.to_dict(),
+        "steps": gradual.steps,
+        "start_fraction": gradual.start_fraction,
+    }
