@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 RECORDS_PER_EPOCH = 12
+LOSS_TOLERANCE = 1e-5  # a tie in the metric is broken by a validation loss lower than this
 
 
 class FinetuneJob:
@@ -501,10 +502,11 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def _better(new: dict[str, Any], old: dict[str, Any], metric: str) -> bool:
+    """Higher metric, or the same metric and a validation loss lower by more than noise."""
     a, b = new.get(metric) or 0.0, old.get(metric) or 0.0
     if abs(a - b) > 1e-9:
         return a > b
-    return (new.get("loss") or math.inf) < (old.get("loss") or math.inf)
+    return (new.get("loss") or math.inf) < (old.get("loss") or math.inf) - LOSS_TOLERANCE
 
 
 def _epoch_loss(history: list[TrainRecord], epoch: int) -> float:
