@@ -1,5 +1,6 @@
-"""Headless command line: ``studio info | eval | scan | prune | gui``. Uses studio.core only (the
-gui is imported lazily; ``prune`` lives in :mod:`studio.cli_prune`)."""
+"""Headless command line: ``studio info | eval | scan | prune | finetune | gui``. Uses
+studio.core only (the gui is imported lazily; ``prune`` lives in :mod:`studio.cli_prune`,
+``finetune`` in :mod:`studio.cli_finetune`)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.cli_prune import add_prune_parser
 
     add_prune_parser(sub)
+    from studio.cli_finetune import add_finetune_parser
+
+    add_finetune_parser(sub)
     gui = sub.add_parser("gui", help="open the studio window")
     _add_model_args(gui, required=False)
     _add_data_args(gui, required=False)
@@ -299,11 +303,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from studio.cli_finetune import cmd_finetune as run
+
+    return run(args)
+
+
 COMMANDS = {
     "info": cmd_info,
     "eval": cmd_eval,
     "scan": cmd_scan,
     "prune": cmd_prune,
+    "finetune": cmd_finetune,
     "gui": cmd_gui,
 }
 

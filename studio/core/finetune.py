@@ -49,6 +49,7 @@ __all__ = [
     "GradualSchedule",
     "TrainRecord",
     "history_csv",
+    "holdout_split",
     "weight_sparsity",
 ]
 
@@ -456,6 +457,19 @@ class FinetuneJob:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+
+
+def holdout_split(data: DataSet, fraction: float = 0.2, seed: int = 0) -> tuple[DataSet, DataSet]:
+    """``data`` split into training and a held-out validation share (a fixed shuffle)."""
+    if len(data) < 4:
+        raise StudioError(f"{data.name} has {len(data)} samples: too few to hold some out")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    held = max(2, round(len(data) * fraction))
+    parts = []
+    for idx, suffix in ((order[held:], "train"), (order[:held], "held out")):
+        y = None if data.y is None else data.y[idx]
+        parts.append(DataSet(data.x[idx], y, f"{data.name} ({suffix})", data.classes))
+    return parts[0], parts[1]
 
 
 def weight_sparsity(module: nn.Module) -> float:
