@@ -116,10 +116,13 @@ def file_params(model: onnx.ModelProto) -> int:
 
 
 def session(model: bytes | str, threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session (all graph optimisations on)."""
+    """An ONNX Runtime CPU session (all graph optimisations on). Its threads do not spin
+    between runs: spinning threads of one session slow down the next run of another, which
+    biases latencies measured side by side."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 4  # failures are raised as errors, not logged too
     if threads:
         options.intra_op_num_threads = threads
@@ -137,16 +140,18 @@ def run(sess: Any, x: np.ndarray) -> list[np.ndarray]:
 def latencies_ms(
     sessions: Sequence[Any], x: np.ndarray, budget_s: float = 1.0, warmup: int = 5
 ) -> list[float]:
-    """Median latency in ms of each session on ``x``, runs interleaved so that both see the
-    same machine load; at least 10 runs each, more while ``budget_s`` lasts (at most 500)."""
+    """Median latency in ms of each session on ``x``. Blocks of 10 runs alternate between the
+    sessions so that all see the same machine load; at least 20 runs each, more while
+    ``budget_s`` lasts (at most 1000)."""
     for sess in sessions:
         for _ in range(warmup):
             run(sess, x)
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
-    while len(times[0]) < 10 or (time.perf_counter() - start < budget_s and len(times[0]) < 500):
+    while len(times[0]) < 20 or (time.perf_counter() - start < budget_s and len(times[0]) < 1000):
         for sess, bucket in zip(sessions, times, strict=True):
-            began = time.perf_counter()
-            run(sess, x)
-            bucket.append((time.perf_counter() - began) * 1e3)
+            for _ in range(10):
+                began = time.perf_counter()
+                run(sess, x)
+                bucket.append((time.perf_counter() - began) * 1e3)
     return [statistics.median(bucket) for bucket in times]
