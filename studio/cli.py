@@ -1,6 +1,6 @@
-"""Headless command line: ``studio info | eval | scan | prune | finetune | gui``. Uses
+"""Headless command line: ``studio info | eval | scan | prune | finetune | export | gui``. Uses
 studio.core only (the gui is imported lazily; ``prune`` lives in :mod:`studio.cli_prune`,
-``finetune`` in :mod:`studio.cli_finetune`)."""
+``finetune`` in :mod:`studio.cli_finetune`, ``export`` in :mod:`studio.cli_export`)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.cli_finetune import add_finetune_parser
 
     add_finetune_parser(sub)
+    from studio.cli_export import add_export_parser
+
+    add_export_parser(sub)
     gui = sub.add_parser("gui", help="open the studio window")
     _add_model_args(gui, required=False)
     _add_data_args(gui, required=False)
@@ -309,12 +312,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from studio.cli_export import cmd_export as run
+
+    return run(args)
+
+
 COMMANDS = {
     "info": cmd_info,
     "eval": cmd_eval,
     "scan": cmd_scan,
     "prune": cmd_prune,
     "finetune": cmd_finetune,
+    "export": cmd_export,
     "gui": cmd_gui,
 }
 

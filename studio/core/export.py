@@ -323,6 +323,13 @@ class _Exporter:
         self.fixed_fallback(attempt)
         if self.model.input_names:
             self.result.notes.append("the original input and output names are kept")
+        odd, convs = export_onnx.unaligned_convs(onnx.load(str(tmp)))
+        if odd:
+            self.result.notes.append(
+                f"{odd} of {convs} convolutions have output channels that are not a multiple "
+                "of 8: ONNX Runtime's CPU layout optimisation (NCHWc) skips them, so they run "
+                "slower than their MACs suggest"
+            )
 
     def torchscript(self) -> None:
         tmp = self.temp(self.path)
