@@ -91,12 +91,7 @@ class FinetuneJob:
                 )
         if teacher is not None and teacher.kind not in ("eager", "onnx", "torchscript", "exported"):
             raise StudioError(f"cannot use {teacher.name} as a teacher")
-        if gradual is not None:
-            from studio.core.prune import prune_targets
-
-            gradual.plan.check_model(
-                student.fingerprint(), set(prune_targets(student, gradual.plan.method))
-            )
+        self._pruner = GradualPruner(gradual, student, train) if gradual is not None else None
         self.student, self.train, self.val, self.teacher = student, train, val, teacher
         self.gradual = gradual
         self.checkpoint_dir = ckpt.prepare_folder(Path(checkpoint_dir)) if checkpoint_dir else None
@@ -157,7 +152,9 @@ class FinetuneJob:
         val_ref = predict(teacher, self.val, device=device, cancel=cancel) if teacher else None
         if val_ref is not None and self.val.labelled:
             self.teacher_metrics = self._metrics(val_ref, None)
-        pruner = GradualPruner(self.gradual, self.student, self.train) if self.gradual else None
+        pruner = self._pruner
+        if pruner is not None:
+            pruner.done = 0
         state = self._resume
         if state is not None:
             ckpt.restore_model(module, state["model"], "the last checkpoint")

@@ -16,20 +16,29 @@ from studio.core.data import DataSet
 from studio.core.jobs import CancelToken, check
 from studio.core.models import LoadedModel
 from studio.core.plan import NEEDS_DATA
+from studio.core.prune_weights import weight_targets
 from studio.core.train_schedule import GradualSchedule, channel_units
 
 CRITERION_SAMPLES = 256  # data for criteria that rank on data (taylor, apoz, activation)
 
 
 class GradualPruner:
-    """Applies the schedule's pruning steps as training reaches them; ``done`` steps so far."""
+    """Applies the schedule's pruning steps as training reaches them; ``done`` steps so far.
+    Refuses, on creation, a plan made for another model or naming targets it lacks."""
 
     def __init__(self, schedule: GradualSchedule, student: LoadedModel, train: DataSet) -> None:
         self.schedule = schedule
         self.student = student
         self.train = train
         self.done = 0
-        self._original = self._units(student.module) if schedule.plan.method == "structured" else {}
+        plan = schedule.plan
+        if plan.method == "structured":
+            self._original = self._units(student.module)
+            names = set(self._original)
+        else:
+            self._original = {}
+            names = set(weight_targets(student.module, plan.method))
+        plan.check_model(student.fingerprint(), names)
 
     @property
     def scale(self) -> float:
