@@ -160,7 +160,7 @@ def export_model(
     opset = (opset or export_onnx.DEFAULT_OPSET) if fmt == "onnx" else None
     if opset is not None:
         export_onnx.check_opset(opset)
-    protected = tuple(p for p in (*protected, model.path, original and original.path) if p)
+    protected = (*protected, *_sources(model), *(_sources(original) if original else ()))
     _refuse_protected(path, protected)
     module = model.module.eval()
     x = _samples(model, samples, dynamic_batch)
@@ -470,6 +470,14 @@ def _names(
     if len(inputs) != 1:
         raise StudioError(f"the model takes one input, but {len(inputs)} input names were given")
     return inputs, tuple(outputs)
+
+
+def _sources(model: LoadedModel) -> tuple[Path, ...]:
+    """The files ``model`` was read from: its path, and its spec's (a pruned copy keeps it)."""
+    paths = [model.path] if model.path else []
+    if model.spec not in ("demo",) and not model.spec.startswith("zoo:"):
+        paths.append(Path(model.spec))
+    return tuple(p for p in paths if p.is_file())
 
 
 def _refuse_protected(target: Path, protected: tuple[Path, ...]) -> None:
