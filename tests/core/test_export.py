@@ -40,12 +40,14 @@ def pruned(model: LoadedModel, ratio: float = 0.4, method: str = "structured") -
 
 @pytest.fixture(scope="module")
 def pruned_zoo() -> dict[str, tuple[LoadedModel, LoadedModel]]:
-    torch.set_num_threads(1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the autouse one_thread
     torch.manual_seed(0)
     models = {}
     for name in zoo.NAMES:
         original = load_model(f"zoo:{name}")
         models[name] = (original, pruned(original))
+    torch.set_num_threads(previous)
     return models
 
 
