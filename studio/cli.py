@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: accuracy with labels, fidelity without, loss for taylor",
     )
     sc.add_argument("--method", default="exact", choices=("exact", "naive", "taylor"))
-    sc.add_argument("--criterion", default="l2", choices=("l1", "l2"))
+    sc.add_argument("--criterion", default="l2", choices=("l1", "l2", "apoz", "activation"))
     sc.add_argument("--batch-size", type=int, default=256)
     sc.add_argument("--workers", type=int, help="threads for exact scans (default: all cores)")
     sc.add_argument("--no-cache", action="store_true", help="measure everything again")

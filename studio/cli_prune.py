@@ -12,7 +12,8 @@ from studio.cli import TerminalProgress, _add_data_args, _add_model_args, _load,
 from studio.core.errors import StudioError
 
 METHODS = ("structured", "unstructured", "nm", "blocks")  # studio.core.plan.METHODS
-CRITERIA = ("l2", "l1", "taylor", "bn_scale", "random")  # studio.core.plan.CRITERIA
+CRITERIA = ("l2", "l1", "taylor", "bn_scale", "apoz", "activation", "random")  # plan.CRITERIA
+NEEDS_DATA = ("taylor", "apoz", "activation")  # studio.core.plan.NEEDS_DATA
 STRATEGIES = ("uniform", "global", "sensitivity")  # studio.core.allocate.STRATEGIES
 MODEL_SUFFIXES = (".pt", ".pth", ".pt2")
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -27,7 +28,7 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     _add_data_args(pr, required=False)
     pr.add_argument("--recipe", metavar="FILE", help="replay a recipe (.yaml or .json)")
     pr.add_argument("--method", choices=METHODS, help="default: structured")
-    pr.add_argument("--criterion", choices=CRITERIA, help="default: l2 (taylor needs --data)")
+    pr.add_argument("--criterion", choices=CRITERIA, help="default: l2 (apoz etc. need --data)")
     how = pr.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=float, metavar="R", help="the same ratio on every target")
     how.add_argument("--target-params", type=float, metavar="F", help="keep this fraction")
@@ -73,8 +74,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise StudioError("--allocate and --scan go with --target-params or --target-macs")
     if args.ratio is not None and not 0.0 < args.ratio <= 1.0:
         raise StudioError(f"--ratio is a fraction in (0, 1], not {args.ratio:g}")
-    if args.criterion == "taylor" and not args.data:
-        raise StudioError("the taylor criterion needs data for its gradient pass: give --data")
+    if args.criterion in NEEDS_DATA and not args.data:
+        why = "its gradient pass" if args.criterion == "taylor" else "measuring activations"
+        raise StudioError(f"the {args.criterion} criterion needs data for {why}: give --data")
     if Path(args.out).suffix.lower() not in MODEL_SUFFIXES:
         raise StudioError(f"--out must end in .pt, .pth or .pt2, got {args.out}")
     if args.recipe_out and Path(args.recipe_out).suffix.lower() not in RECIPE_SUFFIXES:

@@ -4,7 +4,8 @@ for global-threshold allocation: one threshold across layers keeps what matters 
 Scores follow the plan's criterion: L1/L2 magnitude (Torch-Pruning's group magnitude
 importance for channels, as the sensitivity scan uses), BN scale (groups without a batch norm
 fall back to L2), first-order Taylor ``|w . g|`` (needs data: gradients are taken on a copy of
-the model), or random (the plan's seed). Each target's scores are divided by their mean, as
+the model), APoZ / mean activation (structured only, measured on data), or random (the plan's
+seed). Each target's scores are divided by their mean, as
 Torch-Pruning's global pruning does, so that layers of different scale compare.
 """
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.core import graph
+from studio.core.activations import ACTIVATION_CRITERIA, group_scores
 from studio.core.costs import CostModel
 from studio.core.data import DataSet
 from studio.core.errors import StudioError
@@ -48,7 +50,9 @@ def normalised_scores(
             raise StudioError("the taylor criterion needs data to rank channels (--data)")
         module = _with_gradients(module, data)
     rng = np.random.default_rng(seed)
-    if cost.method == "structured":
+    if criterion in ACTIVATION_CRITERIA:
+        raw = _activation_scores(cost, module, criterion, data)
+    elif cost.method == "structured":
         raw = _channel_scores(cost, module, criterion, rng)
     else:
         raw = _weight_scores(cost, module, criterion, rng)
@@ -93,6 +97,30 @@ def _channel_scores(
                 value = magnitude(group)
         scores[target.name] = value.detach().double().cpu().numpy()
     return scores
+
+
+def _activation_scores(
+    cost: CostModel, module: nn.Module, criterion: str, data: DataSet | None
+) -> dict[str, np.ndarray]:
+    """APoZ (as 1 - APoZ) or mean-activation scores of every group, measured on data."""
+    if cost.method != "structured":
+        raise StudioError(f"the {criterion} criterion ranks channels: use a structured plan")
+    if data is None or len(data) == 0:
+        raise StudioError(f"the {criterion} criterion measures activations on data (--data)")
+    assert cost.example_input is not None
+    copied = copy.deepcopy(module).eval()
+    outputs = graph.output_layers(copied, cost.example_input)
+    _, traced = graph.traced_groups(copied, cost.example_input, ignored=outputs)
+    infos = {info.root: info for info, _ in traced}
+    wanted = [infos[t.name] for t in cost.targets if t.name in infos]
+    members = {info.root: info.members for info in wanted}
+    channels = {info.root: info.channels for info in wanted}
+    scores = group_scores(copied, data, members, channels, criterion)
+    out = {}
+    for target in cost.targets:
+        value = scores.get(target.name)
+        out[target.name] = np.ones(target.size) if value is None else value
+    return out
 
 
 def _weight_scores(

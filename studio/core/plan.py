@@ -20,8 +20,9 @@ from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 
 METHODS = ("structured", "unstructured", "nm", "blocks")
-CRITERIA = ("l2", "l1", "taylor", "bn_scale", "random")
-NEEDS_DATA = ("taylor",)
+CRITERIA = ("l2", "l1", "taylor", "bn_scale", "apoz", "activation", "random")
+NEEDS_DATA = ("taylor", "apoz", "activation")
+CHANNEL_ONLY = ("bn_scale", "apoz", "activation")  # rank channels, not single weights
 DEFAULT_CAP = 0.9
 RECIPE_VERSION = 1
 

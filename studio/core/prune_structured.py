@@ -3,6 +3,8 @@
 Channels are ranked on the unpruned model, for every group before any is pruned, the way the
 structured sensitivity scan ranks them (L1/L2 group magnitude, the same selection rule and the
 same per-head rule for fused attention projections), so the scan predicts what pruning does.
+The activation criteria (APoZ, mean activation) measure the groups' layers on data in one
+pass (:mod:`studio.core.activations`).
 Groups are then pruned one at a time; after each, a forward pass checks the model still runs
 with the same output shape. A group that breaks it is rolled back (the state of every layer
 was kept) and reported with the reason; the rest of the plan still applies.
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from studio.core import graph
+from studio.core.activations import ACTIVATION_CRITERIA, group_scores
 from studio.core.data import DataSet
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn, check, report
@@ -130,6 +133,8 @@ def _scores(
     import torch_pruning as tp
 
     criterion = plan.criterion
+    if criterion in ACTIVATION_CRITERIA:
+        return _activation_scores(module, chosen, criterion, data, cancel, notes)
     if criterion == "random":
         out: dict[str, np.ndarray | None] = {}
         for info, _ in chosen:
@@ -174,6 +179,39 @@ def _scores(
             f"{len(fallback)} group(s) have no batch norm, ranked by L2 magnitude instead: {shown}"
         )
     return out
+
+
+def _activation_scores(
+    module: nn.Module,
+    chosen: list[tuple[graph.DependencyGroup, Any]],
+    criterion: str,
+    data: DataSet | None,
+    cancel: CancelToken | None,
+    notes: list[str],
+) -> dict[str, np.ndarray | None]:
+    """APoZ or mean-activation scores, measured on ``data``; groups whose layers give no
+    activations (none ran, or none has the group's width) are ranked by L2 magnitude."""
+    import torch_pruning as tp
+
+    if data is None:
+        raise StudioError(f"the {criterion} criterion measures activations on data: give --data")
+    members = {info.root: info.members for info, _ in chosen}
+    channels = {info.root: info.channels for info, _ in chosen}
+    scores = group_scores(module, data, members, channels, criterion, cancel)
+    fallback = [info for info, _ in chosen if scores.get(info.root) is None]
+    if fallback:
+        l2 = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+        groups = dict((info.root, group) for info, group in chosen)
+        with torch.no_grad():
+            for info in fallback:
+                value = l2(groups[info.root])
+                scores[info.root] = None if value is None else value.double().cpu().numpy()
+        shown = ", ".join(i.root for i in fallback[:3]) + (" …" if len(fallback) > 3 else "")
+        notes.append(
+            f"{len(fallback)} group(s) gave no activations to rank by, ranked by L2 "
+            f"magnitude instead: {shown}"
+        )
+    return scores
 
 
 def _snapshot(module: nn.Module) -> list[tuple[nn.Module, dict, dict, dict]]:

@@ -13,7 +13,7 @@ from studio.core.data import DataSet
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn, check, report
 from studio.core.masks import MASKABLE, nm_view, weight_mask
-from studio.core.plan import PruningPlan
+from studio.core.plan import CHANNEL_ONLY, PruningPlan
 from studio.core.sensitivity_types import NM_GROUP
 
 GRADIENT_BATCH = 64
@@ -71,8 +71,10 @@ def prune_weights(
     cancel: CancelToken | None = None,
 ) -> list[str]:
     """Zero weights of ``module`` in place by an unstructured or nm ``plan``; returns notes."""
-    if plan.criterion == "bn_scale":
-        raise StudioError("the bn_scale criterion ranks channels: use it with --method structured")
+    if plan.criterion in CHANNEL_ONLY:
+        raise StudioError(
+            f"the {plan.criterion} criterion ranks channels: use it with --method structured"
+        )
     mods = dict(module.named_modules())
     active = plan.active()
     if plan.criterion == "taylor":

@@ -216,6 +216,17 @@ class SensitivityScan:
         import torch_pruning as tp
 
         key = f"scores:{target.name}"
+        if key not in self._targets and self.settings.criterion in ("apoz", "activation"):
+            from studio.core.activations import tp_group_scores
+
+            # measured on the data in one pass, for every group at once
+            assert self.report is not None
+            groups = {t.name: self._targets[t.name] for t in self.report.targets}
+            sizes = {t.name: t.size for t in self.report.targets}
+            scores = tp_group_scores(
+                self.model.module, self.data, self._graph, groups, sizes, self.settings.criterion
+            )
+            self._targets.update({f"scores:{name}": v for name, v in scores.items()})
         if key not in self._targets:
             p = 1 if self.settings.criterion == "l1" else 2
             imp = tp.importance.GroupMagnitudeImportance(p=p, normalizer=None)

@@ -13,7 +13,8 @@ from studio.core.errors import StudioError
 MODES = ("structured", "unstructured", "nm")
 METRICS = ("accuracy", "loss", "fidelity")
 METHODS = ("exact", "naive", "taylor")
-CRITERIA = ("l2", "l1")
+CRITERIA = ("l2", "l1", "apoz", "activation")
+CHANNEL_CRITERIA = ("apoz", "activation")  # measured on data, per channel: structured only
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 NM_RATIOS = (0.25, 0.5, 0.75)  # 1:4, 2:4 and 3:4 zeros in every group of 4 weights
 NM_GROUP = 4
@@ -40,6 +41,10 @@ class ScanSettings:
         ):
             if value not in allowed:
                 raise StudioError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
+        if self.criterion in CHANNEL_CRITERIA and self.mode != "structured":
+            raise StudioError(
+                f"the {self.criterion} criterion ranks channels: use it with mode structured"
+            )
         if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios):
             raise StudioError("ratios must be fractions strictly between 0 and 1, e.g. 0.1,0.5,0.9")
         if self.method == "taylor" and self.metric != "loss":
