@@ -1,8 +1,9 @@
 """INT8 post-training quantization of an exported float ONNX model with ONNX Runtime's tools.
 
-- ``dynamic``: weights stored as int8, activations quantized at run time (``quantize_dynamic``;
-  no data needed). Convolutions become ConvInteger, which ONNX Runtime's CPU provider runs slower
-  than float convolutions: the mode suits Linear/LSTM/attention models.
+- ``dynamic``: weights stored as 8-bit integers, activations quantized at run time
+  (``quantize_dynamic``; no data needed). Convolutions become ConvInteger, which ONNX Runtime's
+  CPU provider runs slower than float convolutions (uint8 weights then, the faster of the two):
+  the mode suits Linear/LSTM/attention models.
 - ``static``: weights and activations quantized with scales calibrated on data
   (``quantize_static``, QDQ format, per-channel weights, uint8 activations / int8 weights).
 
@@ -172,7 +173,10 @@ def _quantize(
 
     try:
         if mode == "dynamic":
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+            # ConvInteger with uint8 weights runs about twice as fast as with int8 ones in
+            # ONNX Runtime's CPU provider (measured on the pruned demo); int8 elsewhere
+            weights = QuantType.QUInt8 if _has(source, "Conv") else QuantType.QInt8
+            quantize_dynamic(str(source), str(target), weight_type=weights)
             return 0
         assert calibration is not None
         reader = _Reader(export_onnx.session(str(source)), calibration)
