@@ -406,6 +406,7 @@ class _Exporter:
         """Rename every verified temporary file into place."""
         try:
             for tmp, final in self.temps:
+                os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a file to ship from others
                 os.replace(tmp, final)
         except OSError as error:
             raise StudioError(f"cannot write {self.path}: {error.strerror or error}") from None

@@ -145,6 +145,7 @@ def quantize_onnx(
                 "CPU provider runs slower than float convolutions; static quantization is the "
                 "one that speeds up convolutional networks"
             )
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a file to ship from others
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
