@@ -36,10 +36,10 @@ from studio.core.masks import MASKABLE, channels_to_prune, nm_view, weight_mask
 from studio.core.models import LoadedModel
 from studio.core.paths import cache_dir
 from studio.core.scan_exact import exact_reference, exact_rows
+from studio.core.scan_taylor import TAYLOR_BATCH, taylor_pass
 from studio.core.sensitivity_types import ScanReport, ScanRow, ScanSettings, ScanTarget
 
-CACHE_VERSION = 1
-TAYLOR_BATCH = 64
+CACHE_VERSION = 2  # 2: taylor estimates taken at batch-norm gates
 
 
 class SensitivityScan:
@@ -88,7 +88,9 @@ class SensitivityScan:
         report(progress, 0.3, "evaluating the unpruned model")
         if self.settings.method == "taylor":  # the gradient pass also gives the baseline
             bs = TAYLOR_BATCH
-            self._ref, labels = self._taylor_pass(targets, cancel)
+            self._ref, labels, self._taylor_sums = taylor_pass(
+                module, self.data, self._targets, self.settings.mode == "structured", cancel
+            )
         else:
             bs = self.settings.batch_size
             xs = [self.data.x[i : i + bs] for i in range(0, len(self.data), bs)]
@@ -272,46 +274,8 @@ class SensitivityScan:
 
     # ---- taylor: first-order estimate -----------------------------------------------------
 
-    def _taylor_pass(
-        self, targets: list[ScanTarget], cancel: CancelToken | None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One pass of gradients over the data (mini-batches of TAYLOR_BATCH), accumulating
-        the squared g . w of every channel or weight; returns outputs and labels per batch."""
-        module = self.model.module
-        params = list(module.parameters())
-        saved = [(p.grad, p.requires_grad) for p in params]
-        sums: dict[str, torch.Tensor] = {}
-        outputs, labels = [], []
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            for i in range(0, len(self.data), TAYLOR_BATCH):
-                check(cancel)
-                for p in params:
-                    p.grad = None
-                x = self.data.x[i : i + TAYLOR_BATCH]
-                with torch.enable_grad():
-                    out = module(x)
-                    y = self.data.y[i : i + TAYLOR_BATCH] if self.data.y is not None else None
-                    y = out.detach().argmax(1) if y is None else y
-                    F.cross_entropy(out, y).backward()
-                outputs.append(out.detach().float())
-                labels.append(y)
-                for target in targets:
-                    contribution = self._taylor_terms(target).double() ** 2
-                    sums[target.name] = sums.get(target.name, 0) + contribution
-        finally:
-            for p, (grad, flag) in zip(params, saved):
-                p.grad = grad
-                p.requires_grad_(flag)
-        scale = 0.5 * TAYLOR_BATCH / max(1, len(outputs))
-        self._taylor_sums = {name: total * scale for name, total in sums.items()}
-        return outputs, labels
-
     def _taylor(self, todo: list, cancel: CancelToken | None) -> Iterator[ScanRow]:
-        """Second-order Taylor estimate with the Fisher approximation (Molchanov et al. 2019):
-        removing a set S of channels (or weights) costs about 1/2 B E_b[sum_S (g_b . w)^2],
-        with g_b the gradient of the mean loss of mini-batch b of size B."""
+        """Rows of the estimate made by :func:`studio.core.scan_taylor.taylor_pass`."""
         base = self.report.baseline.loss  # type: ignore[union-attr]
         nan = float("nan")
         for target, ratios in todo:
@@ -320,19 +284,6 @@ class SensitivityScan:
             for ratio in ratios:
                 delta = float(importance[self._removed(target, ratio)].sum())
                 yield ScanRow(target.name, ratio, None, base + delta, nan, nan, estimate=True)
-
-    def _taylor_terms(self, target: ScanTarget) -> torch.Tensor:
-        """g . w per channel of a group (summed over its layers), or per weight."""
-        if self.settings.mode == "structured":
-            import torch_pruning as tp
-
-            imp = tp.importance.GroupTaylorImportance(
-                multivariable=True, group_reduction="sum", normalizer=None
-            )
-            with torch.no_grad():
-                return imp(self._targets[target.name]).detach()
-        weight = dict(self.model.module.named_modules())[target.name].weight
-        return (weight.detach() * weight.grad).flatten()
 
     def _removed(self, target: ScanTarget, ratio: float) -> object:
         if self.settings.mode == "structured":
