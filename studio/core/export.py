@@ -185,6 +185,7 @@ def export_model(
         if fmt == "onnx":
             result.input_names, result.output_names = exporter.names
         if fmt == "onnx" and measure_latency:
+            report(progress, 0.6, "measuring ONNX Runtime latency")
             _measure(result, exporter, original, x, latency_budget_s)
         check(cancel)
         share = zero_fraction(module)
