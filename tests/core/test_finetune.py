@@ -274,3 +274,23 @@ def test_bad_inputs_are_refused(digits) -> None:
             list(job.run())
     with pytest.raises(StudioError, match="gradual pruning works with"):
         GradualSchedule(PruningPlan("blocks", ratios={"x": 1.0}), steps=2)
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "ratio"), [("vit", "structured", 0.25), ("lstm", "unstructured", 0.8)]
+)
+def test_vit_and_lstm_prune_and_fine_tune_end_to_end(arch: str, method: str, ratio: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 1, 16, 16, generator=generator)
+    data = DataSet(x, (x.mean((1, 2, 3)) > 0).long(), "synthetic")
+    model = load_model(f"zoo:{arch}", input_shape=(1, 1, 16, 16))
+    names = prune_targets(model, method)
+    pruned = prune(model, PruningPlan(method, ratios={n: ratio for n in names[:3]}))
+    assert pruned.params_after < pruned.params_before or pruned.sparsity > 0.0
+    settings = FinetuneSettings(epochs=1, batch_size=16, optimizer="adamw", log_every_steps=1)
+    job = FinetuneJob(pruned.model, data, data, settings, teacher=model)
+    records = list(job.run())
+    assert job.result is not None and job.result.epochs_run == 1
+    assert all(torch.isfinite(torch.tensor(r.loss)) for r in records)
+    assert job.result.params == pruned.params_after
+    assert job.result.sparsity == pytest.approx(pruned.sparsity)
