@@ -260,3 +260,19 @@ def test_bad_requests(pruned_zoo, tmp_path: Path, fmt, name, kwargs, needle) -> 
     with pytest.raises(StudioError, match=needle):
         export_model(model, fmt, tmp_path / name, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exported_files_reopen_in_the_studio(pruned_zoo, tmp_path: Path) -> None:
+    _, model = pruned_zoo["resnet20"]
+    x = model.example_input(3)
+    with torch.no_grad():
+        expected = model.module(x)
+    export_model(model, "onnx", tmp_path / "m.onnx", measure_latency=False)
+    export_model(model, "torchscript", tmp_path / "m.ts")
+    for reopened in (
+        load_file(tmp_path / "m.onnx"),
+        load_file(tmp_path / "m.ts", input_shape=model.input_shape),
+    ):
+        assert module_params(reopened.module) == module_params(model.module)
+        with torch.no_grad():
+            assert torch.allclose(reopened.module(x), expected, atol=1e-4)
