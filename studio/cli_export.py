@@ -35,8 +35,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     ex.add_argument(
         "--original",
         metavar="SPEC",
-        help="the unpruned model, timed in ONNX Runtime beside the export (default: the "
-        "built-in architecture unpruned, for pruned built-in models)",
+        help="the unpruned model: timed in ONNX Runtime beside the export (default: the "
+        "built-in architecture unpruned, for pruned built-in models), and with --quantize the "
+        "reference float and INT8 predictions are compared with",
     )
     ex.add_argument(
         "--quantize", choices=MODES, help="also write FILE.int8.onnx (ONNX Runtime, INT8)"
@@ -114,6 +115,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             args.quantize,
             data,
             calibration,
+            # fidelity to the original only for one the user gave (not random-weight stand-ins)
+            reference=original.module if args.original and original is not None else None,
             measure_latency=not args.no_latency,
             protected=protected,
             progress=TerminalProgress("quantizing"),
@@ -165,6 +168,11 @@ def _print_quantized(q) -> None:  # q: QuantizeResult
         )
     if q.agreement_int8 is not None:
         print(f"  agreement    {q.agreement_int8:.2%} of top-1 predictions equal the float model's")
+    if q.agreement_float_reference is not None and q.agreement_int8_reference is not None:
+        print(
+            f"  vs original  {q.agreement_float_reference:.2%} (float), "
+            f"{q.agreement_int8_reference:.2%} (INT8) of top-1 predictions equal the original's"
+        )
     if q.ort_ms_float is not None and q.ort_ms_int8 is not None:
         print(
             f"  ONNX Runtime {q.ort_ms_float:.3f} ms -> {q.ort_ms_int8:.3f} ms: "

@@ -10,8 +10,9 @@
 The float model is first pre-processed as ONNX Runtime recommends (shape inference, graph
 optimisation: batch norms folded into convolutions). Float and INT8 are then run side by side in
 ONNX Runtime on the data: accuracy of each when the data is labelled, top-1 agreement of the
-INT8 model with the float one always, file sizes and batch-1 latency. The INT8 file is written
-under a temporary name and renamed into place once it loads and runs.
+INT8 model with the float one always, and of each with a reference model (the unpruned
+original: fidelity, for unlabeled data) when one is given; file sizes and batch-1 latency.
+The INT8 file is written under a temporary name and renamed into place once it loads and runs.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 
 from studio.core import export_onnx
 from studio.core.data import DataSet
 from studio.core.errors import StudioError
+from studio.core.evaluate import predict
 from studio.core.jobs import CancelToken, ProgressFn, check, report
 from studio.core.loaders import first_line
 
@@ -49,6 +52,8 @@ class QuantizeResult:
     accuracy_float: float | None = None  # labelled data only
     accuracy_int8: float | None = None
     agreement_int8: float | None = None  # top-1 agreement of INT8 with float
+    agreement_float_reference: float | None = None  # float vs the reference model, if given
+    agreement_int8_reference: float | None = None  # INT8 vs the reference model
     ort_ms_float: float | None = None  # ONNX Runtime, batch 1, median
     ort_ms_int8: float | None = None
     calibration_samples: int = 0
@@ -71,6 +76,8 @@ class QuantizeResult:
             "accuracy_float": self.accuracy_float,
             "accuracy_int8": self.accuracy_int8,
             "agreement_int8": self.agreement_int8,
+            "agreement_float_reference": self.agreement_float_reference,
+            "agreement_int8_reference": self.agreement_int8_reference,
             "ort_ms_float": self.ort_ms_float,
             "ort_ms_int8": self.ort_ms_int8,
             "speedup_int8": self.speedup,
@@ -92,6 +99,7 @@ def quantize_onnx(
     data: DataSet | None = None,
     calibration: DataSet | None = None,
     *,
+    reference: torch.nn.Module | None = None,
     per_channel: bool = True,
     measure_latency: bool = True,
     latency_budget_s: float = 1.0,
@@ -102,7 +110,8 @@ def quantize_onnx(
     """Quantize the float ONNX model in ``float_path`` to INT8 in ``out``, and compare them.
 
     ``calibration`` (default ``data``, at most CALIBRATION_SAMPLES of it) calibrates static
-    quantization; ``data`` is what both models are evaluated on.
+    quantization; ``data`` is what both models are evaluated on, and ``reference`` (the
+    unpruned original) what their predictions are compared with on it.
     """
     start = time.monotonic()
     float_path, out = Path(float_path), Path(out)
@@ -132,7 +141,7 @@ def quantize_onnx(
             out, mode, float_path.stat().st_size, tmp.stat().st_size, 0, calibration_samples=used
         )
         if data is not None:
-            _compare(result, float_session, int8_session, data, cancel)
+            _compare(result, float_session, int8_session, data, reference, cancel)
         check(cancel)
         if measure_latency:
             report(progress, 0.8, "measuring latency")
@@ -247,16 +256,23 @@ def _compare(
     float_session: Any,
     int8_session: Any,
     data: DataSet,
+    reference: torch.nn.Module | None,
     cancel: CancelToken | None,
 ) -> None:
-    reference = _outputs(float_session, data, cancel)
-    quantized = _outputs(int8_session, data, cancel)
-    result.samples = len(reference)
-    result.agreement_int8 = float((reference.argmax(1) == quantized.argmax(1)).mean())
+    floats = _outputs(float_session, data, cancel).argmax(1)
+    quantized = _outputs(int8_session, data, cancel).argmax(1)
+    result.samples = len(floats)
+    result.agreement_int8 = float((floats == quantized).mean())
     if data.y is not None:
-        labels = data.y[: len(reference)].numpy()
-        result.accuracy_float = float((reference.argmax(1) == labels).mean())
-        result.accuracy_int8 = float((quantized.argmax(1) == labels).mean())
+        labels = data.y[: len(floats)].numpy()
+        result.accuracy_float = float((floats == labels).mean())
+        result.accuracy_int8 = float((quantized == labels).mean())
+    if reference is not None:
+        subset = data.subset(len(floats))
+        expected = predict(reference, subset, cancel=cancel, device=torch.device("cpu"))
+        wanted = expected.argmax(1).numpy()
+        result.agreement_float_reference = float((floats == wanted).mean())
+        result.agreement_int8_reference = float((quantized == wanted).mean())
 
 
 def _batch_input(sess: Any, data: DataSet | None) -> np.ndarray:

@@ -83,11 +83,18 @@ def test_dynamic_int8_on_convolutions(float_onnx, val, tmp_path: Path) -> None:
 
 def test_unlabeled_data_gives_agreement_only(float_onnx, val, tmp_path: Path) -> None:
     unlabeled = DataSet(val.x, None, "unlabeled")
+    original = load_model("demo").module
     result = quantize_onnx(
-        float_onnx, tmp_path / "q.onnx", "static", unlabeled, measure_latency=False
-    )
+        float_onnx, tmp_path / "q.onnx", "static", unlabeled, reference=original,
+        measure_latency=False,
+    )  # fmt: skip
     assert result.accuracy_float is None and result.accuracy_int8 is None
     assert result.agreement_int8 is not None and result.agreement_int8 >= 0.9
+    # fidelity of the pruned float model and of its INT8 version to the unpruned original
+    assert result.agreement_float_reference is not None
+    assert result.agreement_int8_reference is not None
+    assert 0.8 <= result.agreement_float_reference < 1.0
+    assert abs(result.agreement_int8_reference - result.agreement_float_reference) <= 0.05
 
 
 def test_refusals(float_onnx, val, tmp_path: Path) -> None:
