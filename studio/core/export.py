@@ -181,7 +181,7 @@ def _measure(
     data = export_onnx.onnx_bytes(
         original.module.eval(),
         example,
-        result.opset or 17,
+        result.opset or export_onnx.DEFAULT_OPSET,
         *names,
         dynamic_batch=result.dynamic_batch,
     )
