@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from studio.core.errors import StudioError
 
-GUI_TABS = ("layers", "sensitivity", "sparsity", "planner", "result")  # studio.ui.main_window.TABS
+# the same as studio.ui.main_window.TABS (the CLI does not import Qt to learn it)
+GUI_TABS = ("layers", "sensitivity", "sparsity", "planner", "result", "training")
 
 
 class TerminalProgress:
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gui.add_argument("--tab", choices=GUI_TABS, help="the tab to show first")
     gui.add_argument("--recipe", metavar="FILE.yaml", help="load a pruning recipe into the Planner")
+    gui.add_argument("--apply", action="store_true", help="apply the --recipe once data is in")
+    gui.add_argument(
+        "--finetune",
+        type=int,
+        metavar="EPOCHS",
+        help="fine-tune the pruned model for EPOCHS in the Training tab once a plan is applied",
+    )
     gui.add_argument(
         "--scan",
         action="store_true",
@@ -297,6 +305,8 @@ def cmd_gui(args: argparse.Namespace) -> int:
         tab=args.tab,
         scan=args.scan,
         recipe=args.recipe,
+        apply=args.apply,
+        finetune=args.finetune,
     )
 
 

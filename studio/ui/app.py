@@ -71,12 +71,15 @@ def run_gui(
     tab: str | None = None,
     scan: bool = False,
     recipe: str | None = None,
+    apply: bool = False,
+    finetune: int | None = None,
 ) -> int:
     """Open the studio, optionally with a model and data; return the exit status.
 
     ``tab`` is the tab shown first; ``scan`` starts a sensitivity scan with the default
     settings as soon as the model and data are in (and shows the Sensitivity tab); ``recipe``
-    is loaded into the Planner once the model's targets are known.
+    is loaded into the Planner once the model's targets are known, and with ``apply`` applied
+    once the data is in; ``finetune`` (epochs) fine-tunes the pruned model in the Training tab.
 
     With ``screenshot``, no dialogs are shown: once every job has ended the window is saved
     to that PNG file and the function returns 0, or 1 with a one-line message on stderr if
@@ -103,7 +106,9 @@ def run_gui(
     if scan:
         window.sensitivity.start_when_ready()
     if recipe:
-        window.planner.load_recipe_when_ready(recipe)
+        window.planner.load_recipe_when_ready(recipe, apply=apply)
+    if finetune:
+        window.training.start_when_pruned(finetune)
     if model_spec:
         window.open_model(model_spec)
     if data_spec:

@@ -65,6 +65,23 @@ def _quality(result: Any) -> str:
     return f"agreement {before.agreement:.2%} → {after.agreement:.2%}"
 
 
+def _recovered(pruned: Any, tuned: Any) -> str:
+    """Original → pruned → fine-tuned quality, on one line."""
+    before = getattr(pruned, "quality_before", None)
+    if tuned.accuracy_after is not None:
+        original = f"{before.accuracy:.2%} → " if before and before.accuracy is not None else ""
+        chain = f"{original}{tuned.accuracy_before:.2%} → <b>{tuned.accuracy_after:.2%}</b>"
+        what = "accuracy original → pruned → fine-tuned"
+    else:
+        chain = f"{fmt.percent(tuned.agreement_before, 2)} → "
+        chain += f"<b>{fmt.percent(tuned.agreement_after, 2)}</b>"
+        what = "agreement pruned → fine-tuned"
+    return (
+        f"{what}: {chain} ({tuned.epochs_run} epochs in {fmt.duration(tuned.seconds)}, "
+        f"best epoch {tuned.best_epoch})"
+    )
+
+
 class ComparePanel(QWidget):
     """Shows ``session.pruned`` against ``session.model``."""
 
@@ -111,6 +128,7 @@ class ComparePanel(QWidget):
         layout.addLayout(top)
         layout.addWidget(splitter, 1)
         session.pruned_changed.connect(self.show_result)
+        session.finetuned_changed.connect(lambda _r: self.show_result(session.pruned))
         self.show_result(session.pruned)
 
     def show_result(self, result: Any) -> None:
@@ -134,6 +152,8 @@ class ComparePanel(QWidget):
             f"({result.macs_after / max(result.macs_before, 1):.1%})",
             _quality(result),
         ]
+        if self.session.finetuned is not None:
+            lines.append(_recovered(result, self.session.finetuned))
         size_before, size_after = (
             getattr(result, "size_before", 0),
             getattr(result, "size_after", 0),

@@ -33,13 +33,14 @@ from studio.ui.session import Session
 from studio.ui.settings import RecentFiles, is_model_file, studio_settings
 from studio.ui.sparsity_panel import SparsityPanel
 from studio.ui.summary import SummaryPanel
+from studio.ui.training_panel import TrainingPanel
 from studio.ui.workflow import ARCH, ModelRequest, Workflow
 
 MODEL_FILTER = "Models (*.pt *.pth *.pt2 *.onnx *.ts);;All files (*)"
 DATA_FILTER = "Arrays (*.npz)"
 DEFAULT_SIZE = (1280, 800)
 STATE_VERSION = 1
-TABS = ("layers", "sensitivity", "sparsity", "planner", "result")
+TABS = ("layers", "sensitivity", "sparsity", "planner", "result", "training")
 
 
 class MainWindow(QMainWindow):
@@ -72,7 +73,8 @@ class MainWindow(QMainWindow):
         self.sparsity = SparsityPanel(self.session, self.runner)
         self.planner = PlannerPanel(self.session, self.runner)
         self.result = ComparePanel(self.session)
-        for panel in (self.sensitivity, self.sparsity, self.planner, self.result):
+        self.training = TrainingPanel(self.session, self.runner)
+        for panel in (self.sensitivity, self.sparsity, self.planner, self.result, self.training):
             panel.error.connect(self._on_error)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
@@ -81,6 +83,7 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.sparsity, "Sparsity")
         self.tabs.addTab(self.planner, "Planner")
         self.tabs.addTab(self.result, "Result")
+        self.tabs.addTab(self.training, "Training")
         self.session.pruned_changed.connect(
             lambda r: self.show_tab("result") if r is not None and self.interactive else None
         )

@@ -58,6 +58,8 @@ class PlannerPanel(QWidget):
         self._pending_plan = PruningPlan()
         self._pending_recipe: tuple[PruningPlan, str] | None = None
         self._recipe_path_when_ready: str | None = None
+        self._apply_when_loaded = False  # launch option: Apply once a recipe and data are in
+        self._recipe_loaded = False
         self._summary_timer = QTimer(self)
         self._summary_timer.setSingleShot(True)
         self._summary_timer.setInterval(SUMMARY_MS)
@@ -390,8 +392,12 @@ class PlannerPanel(QWidget):
             return
         self._apply_recipe((plan, Path(path).name))
 
-    def load_recipe_when_ready(self, path: str) -> None:
-        """Load a recipe as soon as the model's targets are known (used at launch)."""
+    def load_recipe_when_ready(self, path: str, apply: bool = False) -> None:
+        """Load a recipe as soon as the model's targets are known (used at launch), and with
+        ``apply`` Apply it once the data is in too."""
+        self._apply_when_loaded = apply
+        if apply:
+            self.session.data_changed.connect(self._apply_if_pending)
         if self.state.cost is not None and not self.running("targets"):
             self._load_reporting(path)
         else:
@@ -418,6 +424,13 @@ class PlannerPanel(QWidget):
             self.state.set_locked(target.name, target.name in plan.locked)
         self.state.set_all(plan.ratios, f"load recipe {name}")
         self.session.log(f"Loaded recipe {name}: {len(plan.active())} targets to prune")
+        self._recipe_loaded = True
+        self._apply_if_pending()
+
+    def _apply_if_pending(self, *_args: object) -> None:
+        if self._apply_when_loaded and self._recipe_loaded and self.session.data is not None:
+            self._apply_when_loaded = False
+            QTimer.singleShot(0, self.apply)
 
     def _ask_save_recipe(self) -> None:
         name = (self.session.model.name if self.session.model else "model").split()[0]

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from studio.core.models import LoadedModel
     from studio.core.prune import PruneResult
     from studio.core.sensitivity_types import ScanReport
+    from studio.core.train_types import FinetuneResult
 
 INFO, WARNING, ERROR, DETAIL = "info", "warning", "error", "detail"
 
@@ -35,6 +36,7 @@ class Session(QObject):
     evaluation_changed = Signal(object)  # EvalResult | None
     scan_changed = Signal(object)  # ScanReport | None: the latest finished sensitivity scan
     pruned_changed = Signal(object)  # PruneResult | None: the latest pruning of the model
+    finetuned_changed = Signal(object)  # FinetuneResult | None: the pruned model fine-tuned
     logged = Signal(float, str, str)  # timestamp, level, text
 
     def __init__(self, parent: QObject | None = None) -> None:
@@ -46,6 +48,7 @@ class Session(QObject):
         self._evaluation: EvalResult | None = None
         self._scan: ScanReport | None = None
         self._pruned: PruneResult | None = None
+        self._finetuned: FinetuneResult | None = None
 
     @property
     def model(self) -> LoadedModel | None:
@@ -75,6 +78,10 @@ class Session(QObject):
     @property
     def pruned(self) -> PruneResult | None:
         return self._pruned
+
+    @property
+    def finetuned(self) -> FinetuneResult | None:
+        return self._finetuned
 
     def set_model(self, model: LoadedModel | None) -> None:
         """A newly loaded model: its inventory, evaluation, scan and pruning are cleared."""
@@ -112,7 +119,13 @@ class Session(QObject):
     def set_pruned(self, result: PruneResult | None) -> None:
         """A pruned copy of the model (the loaded model itself never changes); None reverts."""
         self._pruned = result
+        self.set_finetuned(None)
         self.pruned_changed.emit(result)
+
+    def set_finetuned(self, result: FinetuneResult | None) -> None:
+        """The pruned model (or the loaded one) after fine-tuning; None when it is stale."""
+        self._finetuned = result
+        self.finetuned_changed.emit(result)
 
     def log(self, text: str, level: str = INFO) -> None:
         """Add a line to the session log (shown by the log panel, timestamped)."""

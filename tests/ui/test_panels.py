@@ -66,6 +66,7 @@ def test_tabs_and_view_menu(qtbot) -> None:
         "Sparsity",
         "Planner",
         "Result",
+        "Training",
     ]
     window.show_tab("sparsity")
     assert window.tabs.currentWidget() is window.sparsity
