@@ -34,6 +34,7 @@ SETTINGS = {
     "patience": "early_stopping_patience",
     "seed": "seed",
     "device": "device",
+    "threads": "threads",
 }
 
 
@@ -67,6 +68,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without gain")
     ft.add_argument("--seed", type=int, help="shuffling and augmentation seed (default 0)")
     ft.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    ft.add_argument("--threads", type=int, help="CPU threads (default: every core)")
     ft.add_argument(
         "--gradual", action="store_true", help="prune by --recipe during training, in --steps"
     )

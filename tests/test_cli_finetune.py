@@ -20,6 +20,15 @@ from studio.core.prune import prune, prune_targets
 from studio.core.pruned_file import save_model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these small models run faster so, and far faster on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -49,6 +58,7 @@ def test_finetune_json_matches_eval_of_the_saved_model(capsys, tmp_path, files) 
         "--teacher", "demo",
         "--epochs", "2",
         "--batch-size", "32",
+        "--threads", "1",
         "--out", str(out),
         "--history", str(history),
         "--json",
@@ -81,6 +91,7 @@ def test_unlabeled_distillation_and_a_continued_run(capsys, tmp_path, files) -> 
         "--unlabeled",
         "--teacher", "demo",
         "--batch-size", "32",
+        "--threads", "1",
         "--checkpoint-dir", str(tmp_path / "ck"),
         "--out", str(tmp_path / "ft.pt"),
         "--json",
@@ -114,6 +125,7 @@ def test_gradual_pruning_by_a_recipe(capsys, tmp_path) -> None:
         "--gradual", "--recipe", str(tmp_path / "r.yaml"), "--steps", "2",
         "--epochs", "1",
         "--batch-size", "16",
+        "--threads", "1",
         "--out", str(tmp_path / "g.pt"),
     )  # fmt: skip
     assert code == 0, err

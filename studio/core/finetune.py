@@ -129,7 +129,7 @@ class FinetuneJob:
         threads = torch.get_num_threads()
         device = self._device()
         if device.type == "cpu":
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            torch.set_num_threads(self.settings.threads or max(1, os.cpu_count() or 1))
         try:
             yield from self._run(device, progress, cancel, pause)
         finally:

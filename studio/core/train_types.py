@@ -21,7 +21,7 @@ AUGMENTS = ("shift", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # settings that may differ when a run continues from its checkpoint (they change nothing
 # in what the remaining epochs compute)
-RESUMABLE_CHANGES = ("early_stopping_patience", "log_every_steps", "device")
+RESUMABLE_CHANGES = ("early_stopping_patience", "log_every_steps", "device", "threads")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class FinetuneSettings:
     seed: int = 0
     device: str = "auto"
     log_every_steps: int | None = None  # None: about 12 step records per epoch
+    threads: int | None = None  # CPU threads for torch (None: every core)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -108,6 +109,10 @@ class FinetuneSettings:
             self.log_every_steps is None
             or (_int(self.log_every_steps) and self.log_every_steps >= 1),
             "log_every_steps must be 1 or more",
+        )
+        need(
+            self.threads is None or (_int(self.threads) and self.threads >= 1),
+            f"threads must be 1 or more, not {self.threads}",
         )
 
     @property

@@ -26,6 +26,15 @@ from studio.core.sensitivity_types import ScanSettings
 DEAD, LOUD = 0, 1  # channels of the first conv: always zero after the ReLU / always large
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these small models run faster so, and far faster on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def gated_net() -> LoadedModel:
     """conv -> BN -> ReLU -> conv -> ReLU -> pool -> linear, with channel 0 of the first BN
     shifted so far down that the ReLU always zeroes it, channel 1 so far up it never does."""
@@ -125,7 +134,9 @@ def test_cli_scan_and_prune_accept_activation_criteria(capsys, tmp_path) -> None
     np.savez(tmp_path / "d.npz", x=x.numpy(), y=(np.arange(32) % 10))
     data = str(tmp_path / "d.npz")
     common = ["--model", "zoo:vgg11", "--input-shape", "1,1,8,8", "--data", data]
-    code = main(["scan", *common, "--criterion", "apoz", "--ratios", "0.5", "--json"])
+    code = main(
+        ["scan", *common, "--criterion", "apoz", "--ratios", "0.5", "--workers", "1", "--json"]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["rows"] == json.loads(out)["targets"] > 0

@@ -27,7 +27,18 @@ from studio.core.models import EAGER, LoadedModel, load_model
 from studio.core.plan import PruningPlan
 from studio.core.prune import prune, prune_targets
 
-FAST = {"batch_size": 32, "warmup_epochs": 0.0, "log_every_steps": 1}
+# one thread: these small models run faster so, and far faster on shared cores
+ONE = {"log_every_steps": 1, "threads": 1}
+FAST = {"batch_size": 32, "warmup_epochs": 0.0, "log_every_steps": 1, "threads": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these small models run faster so, and far faster on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_net() -> LoadedModel:
@@ -213,7 +224,7 @@ def test_gradual_structured_pruning_ends_at_the_one_shot_shapes() -> None:
     names = prune_targets(student, "structured")
     plan = PruningPlan("structured", ratios={n: 0.5 for n in names})
     one_shot = prune(student, plan)
-    settings = FinetuneSettings(epochs=2, batch_size=16, warmup_epochs=0.0, log_every_steps=1)
+    settings = FinetuneSettings(epochs=2, batch_size=16, warmup_epochs=0.0, **ONE)
     job = FinetuneJob(student, data, data, settings, gradual=GradualSchedule(plan, steps=2))
     records = list(job.run())
     scales = [r.ratio_scale for r in records]
@@ -287,7 +298,7 @@ def test_vit_and_lstm_prune_and_fine_tune_end_to_end(arch: str, method: str, rat
     names = prune_targets(model, method)
     pruned = prune(model, PruningPlan(method, ratios={n: ratio for n in names[:3]}))
     assert pruned.params_after < pruned.params_before or pruned.sparsity > 0.0
-    settings = FinetuneSettings(epochs=1, batch_size=16, optimizer="adamw", log_every_steps=1)
+    settings = FinetuneSettings(epochs=1, batch_size=16, optimizer="adamw", **ONE)
     job = FinetuneJob(pruned.model, data, data, settings, teacher=model)
     records = list(job.run())
     assert job.result is not None and job.result.epochs_run == 1
