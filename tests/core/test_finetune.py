@@ -305,3 +305,30 @@ def test_vit_and_lstm_prune_and_fine_tune_end_to_end(arch: str, method: str, rat
     assert all(torch.isfinite(torch.tensor(r.loss)) for r in records)
     assert job.result.params == pruned.params_after
     assert job.result.sparsity == pytest.approx(pruned.sparsity)
+
+
+def test_gradual_run_resumes_with_the_pruned_shapes(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=generator)
+    data = DataSet(x, (x.mean((1, 2, 3)) > 0).long(), "synthetic")
+    student = load_model("zoo:resnet20", input_shape=(1, 1, 8, 8))
+    names = prune_targets(student, "structured")
+    plan = PruningPlan("structured", ratios={n: 0.5 for n in names[:4]})
+    settings = FinetuneSettings(epochs=3, batch_size=16, warmup_epochs=0.0, **ONE)
+    schedule = GradualSchedule(plan, steps=2)  # both steps in the first epoch
+    cancel = CancelToken()
+    job = FinetuneJob(student, data, data, settings, checkpoint_dir=tmp_path, gradual=schedule)
+    with pytest.raises(Cancelled):
+        for record in job.run(cancel=cancel):
+            if record.kind == "epoch":
+                cancel.cancel()
+    again = FinetuneJob(student, data, data, settings, checkpoint_dir=tmp_path, gradual=schedule)
+    assert again.resumed_from == 1
+    records = list(again.run())
+    assert {r.ratio_scale for r in records} == {1.0}  # no step was pruned again
+    assert again.result is not None and again.result.epochs_run == 3
+    got = {n: tuple(p.shape) for n, p in again.result.model.module.named_parameters()}
+    want = {n: tuple(p.shape) for n, p in prune(student, plan).module.named_parameters()}
+    assert got == want
+    # the student given to both jobs is untouched
+    assert student.module.layers[0].conv1.out_channels == 16
