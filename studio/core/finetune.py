@@ -105,17 +105,13 @@ class FinetuneJob:
             1 if len(train) % self.settings.batch_size > 1 else 0
         )
         self.total_steps = self.steps_per_epoch * self.settings.epochs
-        self.history: list[TrainRecord] = []
+        self.history: list[TrainRecord] = []  # with the records of a run it continues
         self.before: dict[str, float | None] = {}  # the student's validation metrics
         self.teacher_metrics: dict[str, float | None] = {}
         self.resumed_from = 0
         self.result: FinetuneResult | None = None
         self._fingerprint = student.fingerprint()
-        self._resume: dict[str, Any] | None = None
-        if self.checkpoint_dir is not None:
-            self._resume = ckpt.load_checkpoint(self.checkpoint_dir, ckpt.LAST)
-            if self._resume is not None:
-                self._check_resume(self._resume)
+        self._load_last()
 
     # ---- public -------------------------------------------------------------------------
 
@@ -146,6 +142,7 @@ class FinetuneJob:
     ) -> Iterator[TrainRecord]:
         s = self.settings
         started = time.monotonic()
+        self.result = None
         report(progress, 0.0, "preparing")
         module = copy.deepcopy(self.student.module).to(device)
         teacher = None
@@ -160,7 +157,7 @@ class FinetuneJob:
         pruner = self._pruner
         if pruner is not None:
             pruner.done = 0
-        state = self._resume
+        state = self._load_last()  # again: run() may be called again after a cancel
         if state is not None:
             ckpt.restore_model(module, state["model"], "the last checkpoint")
             module.to(device)
@@ -390,6 +387,17 @@ class FinetuneJob:
                 "history": [r.to_dict() for r in self.history],
             },
         )
+
+    def _load_last(self) -> dict[str, Any] | None:
+        """The last checkpoint, if any, checked against this job; sets ``history`` and
+        ``resumed_from`` (empty and 0 without one)."""
+        self.history, self.resumed_from = [], 0
+        if self.checkpoint_dir is None:
+            return None
+        state = ckpt.load_checkpoint(self.checkpoint_dir, ckpt.LAST)
+        if state is not None:
+            self._check_resume(state)
+        return state
 
     def _check_resume(self, state: dict[str, Any]) -> None:
         folder = self.checkpoint_dir

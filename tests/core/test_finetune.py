@@ -184,9 +184,10 @@ def test_cancelled_run_continues_from_its_checkpoint(digits, tmp_path) -> None:
             if record.kind == "step" and record.epoch == 1.5:  # mid-way through epoch 2
                 cancel.cancel()
     assert (tmp_path / "ck" / "last.pt").is_file() and (tmp_path / "ck" / "best.pt").is_file()
-    again = FinetuneJob(student, train, val, settings, checkpoint_dir=tmp_path / "ck")
-    assert again.resumed_from == 1
-    assert [r.epoch for r in again.history if r.kind == "epoch"] == [1.0]
+    fresh = FinetuneJob(student, train, val, settings, checkpoint_dir=tmp_path / "ck")
+    assert fresh.resumed_from == 1
+    assert [r.epoch for r in fresh.history if r.kind == "epoch"] == [1.0]
+    again = job  # the cancelled job run again continues from its checkpoint as well
     new = list(again.run())
     assert [r.epoch for r in new if r.kind == "epoch"] == [2.0, 3.0]
     assert min(r.epoch for r in new) > 1.0  # epoch 1 was not trained again
