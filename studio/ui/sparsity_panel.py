@@ -2,12 +2,15 @@
 
 One heatmap, rows are layers and columns output channels, shows either the norm of every
 channel (relative to the layer's strongest by default, so weak channels stand out in layers of
-any scale) or the fraction of exact zeros in each channel's weights (a pruned or dead channel
-is 100 %). Each layer's overall sparsity is in the hover text and the CSV.
+any scale), the fraction of exact zeros in each channel's weights (a pruned or dead channel
+is 100 %), or what the channel does on the data: its average percentage of zeros after the
+activation (APoZ) or its mean activation (measured in the background when first shown). Each
+layer's overall sparsity is in the hover text and the CSV.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.activations import channel_activation_stats
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, ProgressFn
@@ -33,16 +37,27 @@ from studio.ui.session import ERROR, Session
 WEAK = 0.1  # a channel below this fraction of its layer's strongest is called weak
 NORMS = {"L2 norm": 2, "L1 norm": 1}
 RELATIVE, ABSOLUTE, ZEROS = "relative norm", "absolute norm", "zeros (%)"
-VIEWS = (RELATIVE, ABSOLUTE, ZEROS)
+APOZ, ACTIVATION = "APoZ on data (%)", "mean activation on data"
+VIEWS = (RELATIVE, ABSOLUTE, ZEROS, APOZ, ACTIVATION)
+Activations = dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (apoz, mean activation)
 ZEROS_MAP = pg.ColorMap([0.0, 1.0], ["#f7fbff", "#08306b"])
 NORM_MAP = pg.colormap.get("viridis")
 
 
-def channel_matrix(layers: list[ChannelNorms], view: str) -> np.ndarray:
-    """Layers x channels for one of ``VIEWS`` (padded with NaN to the widest layer)."""
+def channel_matrix(
+    layers: list[ChannelNorms], view: str, activations: Activations | None = None
+) -> np.ndarray:
+    """Layers x channels for one of ``VIEWS`` (padded with NaN to the widest layer); the
+    activation views need ``activations`` (layers without them stay NaN)."""
     width = max((len(c.norms) for c in layers), default=0)
     grid = np.full((len(layers), width), np.nan)
     for i, c in enumerate(layers):
+        if view in (APOZ, ACTIVATION):
+            if activations is not None and c.layer in activations:
+                apoz, mean = activations[c.layer]
+                values = apoz * 100.0 if view == APOZ else mean / max(float(mean.max()), 1e-12)
+                grid[i, : len(values)] = values
+            continue
         if view == ZEROS:
             grid[i, : len(c.zeros)] = c.zeros * 100.0
             continue
@@ -68,6 +83,8 @@ class SparsityPanel(QWidget):
         self.runner = runner
         self.layers: list[ChannelNorms] = []
         self.job: Job | None = None
+        self.activation_job: Job | None = None
+        self.activations: Activations | None = None
         self.subject = ""  # which model the heatmap shows
         self.norm = narrow_combo()
         self.norm.addItems(list(NORMS))
@@ -106,6 +123,7 @@ class SparsityPanel(QWidget):
         runner.failed.connect(self._on_failed)
         session.model_changed.connect(self.refresh)
         session.pruned_changed.connect(self.refresh)
+        session.data_changed.connect(self._forget_activations)
         self._update_buttons()
 
     def refresh(self, *_args: object) -> None:
@@ -115,6 +133,7 @@ class SparsityPanel(QWidget):
             self.job.cancel()
         model, pruned = self.session.model, self.session.pruned
         self.layers = []
+        self._forget_activations(show=False)
         if model is None:
             self._show()
             return
@@ -129,31 +148,77 @@ class SparsityPanel(QWidget):
         self.status.setText("Reading weights…")
         self.job = self.runner.start("Channel norms", work)
 
+    def _forget_activations(self, *_args: object, show: bool = True) -> None:
+        if self.activation_job is not None and not self.activation_job.done:
+            self.activation_job.cancel()
+        self.activation_job, self.activations = None, None
+        if show and self.view.currentText() in (APOZ, ACTIVATION):
+            self._show()
+
+    def measure_activations(self) -> Job | None:
+        """APoZ and mean activation per channel of the shown model on the session's data."""
+        model, data = self.session.model, self.session.data
+        if model is None or data is None:
+            return None
+        pruned = self.session.pruned
+        module = copy.deepcopy(pruned.module if pruned is not None else model.module)
+
+        def work(progress: ProgressFn, cancel: CancelToken) -> Activations:
+            progress(0.0, data.name)
+            return channel_activation_stats(module, data, cancel=cancel)
+
+        self.status.setText(f"Measuring activations of {self.subject} on {data.name}…")
+        self.activation_job = self.runner.start("Channel activations", work)
+        return self.activation_job
+
     def _on_finished(self, job: Job, result: object) -> None:
         if job is self.job:
             self.layers = list(result)  # type: ignore[call-overload]
+            self._show()
+        elif job is self.activation_job:
+            self.activations = result  # type: ignore[assignment]
             self._show()
 
     def _on_failed(self, job: Job, message: str) -> None:
         if job is self.job:
             self.status.setText(f"Could not read the weights: {message}")
             self.session.log(f"Channel norms: {message}", ERROR)
+        elif job is self.activation_job:
+            self.status.setText(f"Could not measure the activations: {message}")
+            self.session.log(f"Channel activations: {message}", ERROR)
 
     def _show(self, *_args: object) -> None:
         names = [c.layer for c in self.layers]
         view = self.view.currentText()
-        grid = channel_matrix(self.layers, view)
+        on_data = view in (APOZ, ACTIVATION)
+        grid = channel_matrix(self.layers, view, self.activations)
         label = {
             RELATIVE: f"{self.norm.currentText()} ÷ layer's strongest",
             ABSOLUTE: self.norm.currentText(),
             ZEROS: "zeros in the channel (%)",
+            APOZ: "zeros after the activation (%)",
+            ACTIVATION: "mean activation ÷ layer's strongest",
         }[view]
-        self.heatmap.bar.setColorMap(ZEROS_MAP if view == ZEROS else NORM_MAP)
+        self.heatmap.bar.setColorMap(ZEROS_MAP if view in (ZEROS, APOZ) else NORM_MAP)
         self.heatmap.bar.setLabel("left", label)
-        levels = {RELATIVE: (0.0, 1.0), ZEROS: (0.0, 100.0)}.get(view)
+        levels = {RELATIVE: (0.0, 1.0), ZEROS: (0.0, 100.0), APOZ: (0.0, 100.0)}.get(view)
+        levels = (0.0, 1.0) if view == ACTIVATION else levels
         columns = [str(j) for j in range(grid.shape[1])]
         self.heatmap.set_matrix(names, columns, grid, levels, column_title="output channel")
-        if self.layers:
+        if on_data and self.layers and self.activations is None:
+            if self.session.data is None:
+                self.status.setText("Open data (Data menu) to measure activations on it.")
+            elif self.activation_job is None or self.activation_job.done:
+                self.measure_activations()
+        elif on_data and self.layers and self.activations is not None:
+            apoz = np.concatenate([a for a, _ in self.activations.values()])
+            idle = int((apoz >= 0.99).sum())
+            data = self.session.data.name if self.session.data is not None else "the data"
+            self.status.setText(
+                f"{self.subject} on {data}: {apoz.size:,} channels, mean APoZ {apoz.mean():.1%}; "
+                f"{idle:,} channels are zero after the activation on 99 % or more of the inputs"
+            )
+        elif self.layers:
             weak = sum(weak_count(c) for c in self.layers)
             dead = sum(c.dead for c in self.layers)
             total = sum(len(c.norms) for c in self.layers)
@@ -177,18 +242,28 @@ class SparsityPanel(QWidget):
         top = float(c.norms.max())
         value = float(c.norms[column])
         share = f" ({value / top:.1%} of the strongest)" if top > 0 else ""
-        return (
+        text = (
             f"{layer}\nchannel {column} of {len(c.norms)}: {self.norm.currentText()} "
             f"{value:.4g}{share}, {c.zeros[column]:.1%} zeros"
         )
+        if self.activations is not None and c.layer in self.activations:
+            apoz, mean = self.activations[c.layer]
+            text += f"\non the data: APoZ {apoz[column]:.1%}, mean activation {mean[column]:.4g}"
+        return text
 
     def csv(self) -> str:
         """One line per (layer, channel): norm, relative norm, channel zeros, layer sparsity."""
         lines = []
         for c in self.layers:
             top = float(c.norms.max()) if c.norms.size else 0.0
+            acts = self.activations.get(c.layer) if self.activations is not None else None
             for j, value in enumerate(c.norms):
                 rel = float(value) / top if top > 0 else 0.0
+                measured = (
+                    [repr(float(acts[0][j])), repr(float(acts[1][j]))]
+                    if acts is not None and j < len(acts[0])
+                    else ["", ""]
+                )
                 lines.append(
                     [
                         c.layer,
@@ -197,9 +272,19 @@ class SparsityPanel(QWidget):
                         repr(rel),
                         repr(float(c.zeros[j])),
                         repr(c.sparsity),
+                        *measured,
                     ]
                 )
-        header = ["layer", "channel", "norm", "relative_norm", "channel_zeros", "layer_sparsity"]
+        header = [
+            "layer",
+            "channel",
+            "norm",
+            "relative_norm",
+            "channel_zeros",
+            "layer_sparsity",
+            "apoz",
+            "mean_activation",
+        ]
         return charts.csv_text(header, lines)
 
     def save_png(self, path: str | Path) -> Path:

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from studio.core.activations import channel_activation_stats
+from studio.core.data import demo_splits
 from studio.core.models import load_model
 from studio.core.sparsity import channel_norms
 from studio.ui.heatmap import HeatmapView
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
-from studio.ui.sparsity_panel import ABSOLUTE, RELATIVE, ZEROS, SparsityPanel
+from studio.ui.sparsity_panel import ABSOLUTE, ACTIVATION, APOZ, RELATIVE, ZEROS, SparsityPanel
 
 
 def test_heatmap_keeps_data_order_apart_from_display_order(qtbot) -> None:
@@ -64,7 +66,37 @@ def test_sparsity_tab_shows_zeroed_channels(qtbot, tmp_path) -> None:
     assert "channel 7 of" in view.describe(row, 7) and "weak channels" in view.describe(row, 7)
 
     lines = panel.save_csv(tmp_path / "norms.csv").read_text().splitlines()
-    assert lines[0] == "layer,channel,norm,relative_norm,channel_zeros,layer_sparsity"
+    assert lines[0] == (
+        "layer,channel,norm,relative_norm,channel_zeros,layer_sparsity,apoz,mean_activation"
+    )
     assert len(lines) == 1 + sum(len(c.norms) for c in expected)
     assert panel.save_png(tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
+    runner.shutdown(timeout=10)
+
+
+def test_activation_views_measure_on_the_data(qtbot, tmp_path) -> None:
+    model = load_model("demo")
+    data = demo_splits()[1].subset(64)
+    session, runner = Session(), JobRunner()
+    panel = SparsityPanel(session, runner)
+    qtbot.addWidget(panel)
+    panel.show()
+    with qtbot.waitSignal(runner.finished, timeout=30_000):
+        session.set_model(model)
+    panel.view.setCurrentText(APOZ)
+    assert "Open data" in panel.status.text()
+    with qtbot.waitSignal(runner.finished, timeout=60_000):
+        session.set_data(data)  # the view asks for the measurement once data is in
+    expected = channel_activation_stats(model.module, data)
+    names = panel.heatmap.rows
+    row = names.index("layers.1.conv2")
+    apoz, mean = expected["layers.1.conv2"]
+    np.testing.assert_allclose(panel.heatmap.values[row, : len(apoz)], apoz * 100, atol=1e-4)
+    assert "mean APoZ" in panel.status.text()
+    assert "APoZ" in panel.heatmap.describe(row, 3)
+    panel.view.setCurrentText(ACTIVATION)
+    np.testing.assert_allclose(panel.heatmap.values[row, : len(mean)], mean / mean.max(), rtol=1e-5)
+    lines = panel.save_csv(tmp_path / "norms.csv").read_text().splitlines()
+    first = next(line for line in lines if line.startswith("layers.1.conv2,0,"))
+    assert float(first.split(",")[6]) == pytest.approx(float(apoz[0]))
     runner.shutdown(timeout=10)
