@@ -24,6 +24,7 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
+from studio.core.train_types import FinetuneSettings
 
 FORMAT_KEY = "studio_checkpoint"
 FORMAT_VERSION = 1
@@ -90,6 +91,46 @@ def load_checkpoint(folder: Path, name: str) -> dict[str, Any] | None:
     if not isinstance(data, dict) or data.get(FORMAT_KEY) != FORMAT_VERSION:
         raise StudioError(f"{path} is not a training checkpoint of this studio")
     return data
+
+
+def check_last(
+    state: dict[str, Any],
+    folder: Path,
+    fingerprint: str,
+    settings: FinetuneSettings,
+    gradual: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Refuse a last checkpoint of another model, other settings (but those a continued run
+    may change) or another gradual schedule; return its history records and epochs done."""
+    try:
+        if state["fingerprint"] != fingerprint:
+            raise StudioError(
+                f"the checkpoint in {folder} is of another model: give that model, or "
+                "another checkpoint folder"
+            )
+        changed = settings.differences(state["settings"])
+        if changed:
+            raise StudioError(
+                f"the checkpoint in {folder} was made with other settings "
+                f"({', '.join(changed)}): use the same settings or another folder"
+            )
+        if state["gradual"] != gradual:
+            raise StudioError(
+                f"the checkpoint in {folder} was made with another gradual-pruning schedule"
+            )
+        return list(state["history"]), int(state["epoch"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StudioError(f"the checkpoint in {folder} is damaged ({exc})") from None
+
+
+def load_best(folder: Path, epoch: int) -> dict[str, Any] | None:
+    """The best checkpoint the last one names (``epoch``; 0 = none yet)."""
+    if not epoch:
+        return None
+    best = load_checkpoint(folder, BEST)
+    if best is None or int(best["epoch"]) != epoch:
+        raise StudioError(f"the best checkpoint in {folder} is missing or older than the last")
+    return {"epoch": epoch, "metrics": best["metrics"], "model": best["model"]}
 
 
 def prepare_folder(folder: Path) -> Path:

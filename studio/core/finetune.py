@@ -34,16 +34,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from studio.core import checkpoint as ckpt
 from studio.core.data import DataSet
 from studio.core.errors import StudioError
-from studio.core.evaluate import default_device, fidelity, predict
+from studio.core.evaluate import default_device, predict
 from studio.core.jobs import CancelToken, PauseToken, ProgressFn, check, report
 from studio.core.models import LoadedModel
 from studio.core.train_gradual import GradualPruner
+from studio.core.train_parts import (
+    apply_masks,
+    capture_masks,
+    holdout_split,
+    logits_of,
+    make_optimizer,
+    training_loss,
+    val_metrics,
+    weight_sparsity,
+)
 from studio.core.train_schedule import GradualSchedule, augment, lr_factor
 from studio.core.train_types import FinetuneResult, FinetuneSettings, TrainRecord, history_csv
 
@@ -153,7 +162,7 @@ class FinetuneJob:
                 p.requires_grad_(False)
         val_ref = predict(teacher, self.val, device=device, cancel=cancel) if teacher else None
         if val_ref is not None and self.val.labelled:
-            self.teacher_metrics = self._metrics(val_ref, None)
+            self.teacher_metrics = val_metrics(val_ref, self.val, None)
         pruner = self._pruner
         if pruner is not None:
             pruner.done = 0
@@ -171,7 +180,7 @@ class FinetuneJob:
             self.before = self._evaluate(module, val_ref, device, cancel)
             best, prior_seconds = None, 0.0
         masks = capture_masks(module)
-        optimizer = self._optimizer(module)
+        optimizer = make_optimizer(module, self.settings)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             masks = {k: v.to(device) for k, v in state["masks"].items()}
@@ -200,7 +209,7 @@ class FinetuneJob:
                     module = pruner.apply(module, step, self.total_steps, device, cancel)
                     module.train()
                     masks = capture_masks(module)
-                    optimizer = self._optimizer(module)
+                    optimizer = make_optimizer(module, self.settings)
                 tick = time.perf_counter()
                 idx = order[i * s.batch_size : (i + 1) * s.batch_size].to(device)
                 xb = augment(x_all[idx], s, generator, background)
@@ -275,17 +284,6 @@ class FinetuneJob:
             return default_device()
         return torch.device(self.settings.device)
 
-    def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
-        s = self.settings
-        params = [p for p in module.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() > 1], "weight_decay": s.weight_decay},
-            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
-        ]
-        if s.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=s.learning_rate)
-        return torch.optim.SGD(groups, lr=s.learning_rate, momentum=s.momentum)
-
     def _loss(
         self,
         module: nn.Module,
@@ -293,27 +291,12 @@ class FinetuneJob:
         xb: torch.Tensor,
         yb: torch.Tensor | None,
     ) -> torch.Tensor:
-        out = _logits(module(xb))
-        weight = self.settings.distill_weight if teacher is not None else 0.0
-        if yb is None:
-            weight = 1.0
-        loss = out.new_zeros(())
-        if weight < 1.0:
-            assert yb is not None
-            loss = loss + (1.0 - weight) * F.cross_entropy(out, yb)
-        if weight > 0.0:
-            assert teacher is not None
-            with torch.no_grad():
-                ref = _logits(teacher(xb))
-            t = self.settings.distill_temperature
-            kd = F.kl_div(
-                F.log_softmax(out / t, 1),
-                F.log_softmax(ref / t, 1),
-                log_target=True,
-                reduction="batchmean",
-            )
-            loss = loss + weight * t * t * kd
-        return loss
+        out = logits_of(module(xb))
+        if teacher is None:
+            return training_loss(out, yb, None, self.settings)
+        with torch.no_grad():
+            ref = logits_of(teacher(xb))
+        return training_loss(out, yb, ref, self.settings)
 
     def _evaluate(
         self,
@@ -323,26 +306,7 @@ class FinetuneJob:
         cancel: CancelToken | None,
     ) -> dict[str, float | None]:
         logits = predict(module, self.val, device=device, cancel=cancel)
-        return self._metrics(logits, val_ref)
-
-    def _metrics(
-        self, logits: torch.Tensor, val_ref: torch.Tensor | None
-    ) -> dict[str, float | None]:
-        out: dict[str, float | None] = {"accuracy": None, "loss": None, "agreement": None}
-        if self.val.y is not None:
-            if logits.shape[1] <= int(self.val.y.max()):
-                raise StudioError(
-                    f"the model has {logits.shape[1]} outputs but {self.val.name} has labels "
-                    f"up to {int(self.val.y.max())}"
-                )
-            out["accuracy"] = float((logits.argmax(1) == self.val.y).float().mean())
-            out["loss"] = float(F.cross_entropy(logits, self.val.y))
-        if val_ref is not None:
-            fid = fidelity(logits, val_ref)
-            out["agreement"] = fid["agreement"]
-            if self.val.y is None:
-                out["loss"] = fid["kl"]
-        return out
+        return val_metrics(logits, self.val, val_ref)
 
     def _save(
         self,
@@ -372,7 +336,7 @@ class FinetuneJob:
             {
                 "fingerprint": self._fingerprint,
                 "settings": self.settings.to_dict(),
-                "gradual": _gradual_key(self.gradual),
+                "gradual": self.gradual.to_dict() if self.gradual else None,
                 "epoch": epochs_done,
                 "step": step,
                 "stale": stale,
@@ -400,38 +364,16 @@ class FinetuneJob:
         return state
 
     def _check_resume(self, state: dict[str, Any]) -> None:
-        folder = self.checkpoint_dir
-        try:
-            if state["fingerprint"] != self._fingerprint:
-                raise StudioError(
-                    f"the checkpoint in {folder} is of another model: give that model, or "
-                    "another checkpoint folder"
-                )
-            changed = self.settings.differences(state["settings"])
-            if changed:
-                raise StudioError(
-                    f"the checkpoint in {folder} was made with other settings "
-                    f"({', '.join(changed)}): use the same settings or another folder"
-                )
-            if state["gradual"] != _gradual_key(self.gradual):
-                raise StudioError(
-                    f"the checkpoint in {folder} was made with another gradual-pruning schedule"
-                )
-            self.history = [TrainRecord.from_dict(r) for r in state["history"]]
-            self.resumed_from = int(state["epoch"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StudioError(f"the checkpoint in {folder} is damaged ({exc})") from None
+        assert self.checkpoint_dir is not None
+        key = self.gradual.to_dict() if self.gradual else None
+        records, self.resumed_from = ckpt.check_last(
+            state, self.checkpoint_dir, self._fingerprint, self.settings, key
+        )
+        self.history = [TrainRecord.from_dict(r) for r in records]
 
     def _load_best(self, state: dict[str, Any]) -> dict[str, Any] | None:
-        if not state.get("best_epoch"):
-            return None
         assert self.checkpoint_dir is not None
-        best = ckpt.load_checkpoint(self.checkpoint_dir, ckpt.BEST)
-        if best is None or int(best["epoch"]) != int(state["best_epoch"]):
-            raise StudioError(
-                f"the best checkpoint in {self.checkpoint_dir} is missing or older than the last"
-            )
-        return {"epoch": int(best["epoch"]), "metrics": best["metrics"], "model": best["model"]}
+        return ckpt.load_best(self.checkpoint_dir, int(state.get("best_epoch") or 0))
 
     def _finish(self, best: dict[str, Any] | None, stopped: bool, seconds: float) -> FinetuneResult:
         module = copy.deepcopy(self.student.module).cpu()
@@ -469,62 +411,6 @@ class FinetuneJob:
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def holdout_split(data: DataSet, fraction: float = 0.2, seed: int = 0) -> tuple[DataSet, DataSet]:
-    """``data`` split into training and a held-out validation share (a fixed shuffle)."""
-    if len(data) < 4:
-        raise StudioError(f"{data.name} has {len(data)} samples: too few to hold some out")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    held = max(2, round(len(data) * fraction))
-    parts = []
-    for idx, suffix in ((order[held:], "train"), (order[:held], "held out")):
-        y = None if data.y is None else data.y[idx]
-        parts.append(DataSet(data.x[idx], y, f"{data.name} ({suffix})", data.classes))
-    return parts[0], parts[1]
-
-
-def weight_sparsity(module: nn.Module) -> float:
-    """Fraction of exact zeros in the weights (parameters named *weight*, 2-D or more)."""
-    weights = [
-        p
-        for n, p in module.named_parameters()
-        if n.rsplit(".", 1)[-1].startswith("weight") and p.dim() >= 2
-    ]
-    total = sum(w.numel() for w in weights)
-    with torch.no_grad():
-        zeros = sum(int((w == 0).sum()) for w in weights)
-    return zeros / total if total else 0.0
-
-
-def capture_masks(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Where each weight of 2 or more dimensions is exactly zero (only tensors with zeros)."""
-    with torch.no_grad():
-        zeros = {n: p == 0 for n, p in module.named_parameters() if p.dim() >= 2}
-    return {n: z for n, z in zeros.items() if bool(z.any())}
-
-
-def apply_masks(module: nn.Module, masks: dict[str, torch.Tensor], grads: bool = False) -> None:
-    """Zero the masked weights again (or their gradients, before the optimizer step)."""
-    if not masks:
-        return
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, zero in masks.items():
-            p = params[name]
-            if grads:
-                if p.grad is not None:
-                    p.grad.masked_fill_(zero, 0.0)
-            else:
-                p.masked_fill_(zero, 0.0)
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise StudioError("the model's output is not a tensor; cannot train it")
-    return out.float().reshape(out.shape[0], -1)
-
-
 def _better(new: dict[str, Any], old: dict[str, Any], metric: str) -> bool:
     """Higher metric, or the same metric and a validation loss lower by more than noise."""
     a, b = new.get(metric) or 0.0, old.get(metric) or 0.0
@@ -541,13 +427,3 @@ def _epoch_loss(history: list[TrainRecord], epoch: int) -> float:
 def _epoch_speed(history: list[TrainRecord], epoch: int) -> float:
     steps = [r for r in history if r.kind == "step" and epoch < r.epoch <= epoch + 1]
     return sum(r.samples_per_s for r in steps) / len(steps) if steps else 0.0
-
-
-def _gradual_key(gradual: GradualSchedule | None) -> dict[str, Any] | None:
-    if gradual is None:
-        return None
-    return {
-        "plan": gradual.plan.to_dict(),
-        "steps": gradual.steps,
-        "start_fraction": gradual.start_fraction,
-    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,14 @@ class GradualSchedule:
             raise StudioError("the start fraction of gradual pruning must be in [0, 1)")
         if not self.plan.active():
             raise StudioError("the plan prunes nothing: every ratio is 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schedule as plain values (kept in checkpoints to recognise the run)."""
+        return {
+            "plan": self.plan.to_dict(),
+            "steps": self.steps,
+            "start_fraction": self.start_fraction,
+        }
 
     def scale(self, k: int) -> float:
         """Fraction of the final ratios applied after pruning step ``k`` (0 = none yet)."""

@@ -1,0 +1,138 @@
+"""Pieces of the training loop: the optimizer, the loss (labels blended with distillation),
+validation metrics, the masks that keep pruned weights at zero, weight sparsity, and a
+held-out validation split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio.core.data import DataSet
+from studio.core.errors import StudioError
+from studio.core.evaluate import fidelity
+from studio.core.train_types import FinetuneSettings
+
+
+def make_optimizer(module: nn.Module, settings: FinetuneSettings) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW; weight decay on weights (2-D or more), not on biases and
+    normalisation parameters."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": settings.weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.learning_rate)
+    return torch.optim.SGD(groups, lr=settings.learning_rate, momentum=settings.momentum)
+
+
+def val_metrics(
+    logits: torch.Tensor, val: DataSet, reference: torch.Tensor | None
+) -> dict[str, float | None]:
+    """Accuracy and cross-entropy on labelled ``val``; top-1 agreement with the teacher's
+    ``reference`` outputs (and, without labels, the KL divergence from them as the loss)."""
+    out: dict[str, float | None] = {"accuracy": None, "loss": None, "agreement": None}
+    if val.y is not None:
+        if logits.shape[1] <= int(val.y.max()):
+            raise StudioError(
+                f"the model has {logits.shape[1]} outputs but {val.name} has labels "
+                f"up to {int(val.y.max())}"
+            )
+        out["accuracy"] = float((logits.argmax(1) == val.y).float().mean())
+        out["loss"] = float(F.cross_entropy(logits, val.y))
+    if reference is not None:
+        fid = fidelity(logits, reference)
+        out["agreement"] = fid["agreement"]
+        if val.y is None:
+            out["loss"] = fid["kl"]
+    return out
+
+
+def training_loss(
+    out: torch.Tensor,
+    labels: torch.Tensor | None,
+    reference: torch.Tensor | None,
+    settings: FinetuneSettings,
+) -> torch.Tensor:
+    """``(1 - w) * CE(out, labels) + w * T^2 * KL(softmax(reference/T) || softmax(out/T))``
+    with ``w = distill_weight``: labels only without a reference, distillation only without
+    labels (Hinton et al., 2015; the T^2 keeps the gradients' scale as T changes)."""
+    weight = settings.distill_weight if reference is not None else 0.0
+    if labels is None:
+        if reference is None:
+            raise StudioError("unlabeled data can only be trained on with a teacher")
+        weight = 1.0
+    loss = out.new_zeros(())
+    if weight < 1.0:
+        assert labels is not None
+        loss = loss + (1.0 - weight) * F.cross_entropy(out, labels)
+    if weight > 0.0:
+        assert reference is not None
+        t = settings.distill_temperature
+        kd = F.kl_div(
+            F.log_softmax(out / t, 1),
+            F.log_softmax(reference / t, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss = loss + weight * t * t * kd
+    return loss
+
+
+def holdout_split(data: DataSet, fraction: float = 0.2, seed: int = 0) -> tuple[DataSet, DataSet]:
+    """``data`` split into training and a held-out validation share (a fixed shuffle)."""
+    if len(data) < 4:
+        raise StudioError(f"{data.name} has {len(data)} samples: too few to hold some out")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    held = max(2, round(len(data) * fraction))
+    parts = []
+    for idx, suffix in ((order[held:], "train"), (order[:held], "held out")):
+        y = None if data.y is None else data.y[idx]
+        parts.append(DataSet(data.x[idx], y, f"{data.name} ({suffix})", data.classes))
+    return parts[0], parts[1]
+
+
+def weight_sparsity(module: nn.Module) -> float:
+    """Fraction of exact zeros in the weights (parameters named *weight*, 2-D or more)."""
+    weights = [
+        p
+        for n, p in module.named_parameters()
+        if n.rsplit(".", 1)[-1].startswith("weight") and p.dim() >= 2
+    ]
+    total = sum(w.numel() for w in weights)
+    with torch.no_grad():
+        zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / total if total else 0.0
+
+
+def capture_masks(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Where each weight of 2 or more dimensions is exactly zero (only tensors with zeros)."""
+    with torch.no_grad():
+        zeros = {n: p == 0 for n, p in module.named_parameters() if p.dim() >= 2}
+    return {n: z for n, z in zeros.items() if bool(z.any())}
+
+
+def apply_masks(module: nn.Module, masks: dict[str, torch.Tensor], grads: bool = False) -> None:
+    """Zero the masked weights again (or their gradients, before the optimizer step)."""
+    if not masks:
+        return
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, zero in masks.items():
+            p = params[name]
+            if grads:
+                if p.grad is not None:
+                    p.grad.masked_fill_(zero, 0.0)
+            else:
+                p.masked_fill_(zero, 0.0)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise StudioError("the model's output is not a tensor; cannot train it")
+    return out.float().reshape(out.shape[0], -1)
