@@ -160,6 +160,7 @@ class FinetuneJob:
             teacher = teacher.to(device) if hasattr(teacher, "to") else teacher
             for p in getattr(teacher, "parameters", lambda: [])():
                 p.requires_grad_(False)
+        self._check_outputs(module, teacher, self.train.x[:2].to(device))
         val_ref = predict(teacher, self.val, device=device, cancel=cancel) if teacher else None
         if val_ref is not None and self.val.labelled:
             self.teacher_metrics = val_metrics(val_ref, self.val, None)
@@ -193,7 +194,6 @@ class FinetuneJob:
         background = float(self.train.x.min())
         base_lr = s.learning_rate
         log_every = s.log_every_steps or max(1, self.steps_per_epoch // RECORDS_PER_EPOCH)
-        epoch = first_epoch
         for epoch in range(first_epoch, s.epochs):
             if stopped:
                 break
@@ -283,6 +283,28 @@ class FinetuneJob:
         if self.settings.device == "auto":
             return default_device()
         return torch.device(self.settings.device)
+
+    def _check_outputs(self, module: nn.Module, teacher: nn.Module | None, x: torch.Tensor) -> None:
+        """Refuse, before training, labels the model has no output for and a teacher whose
+        outputs do not match the student's."""
+        module.eval()
+        with torch.no_grad():
+            try:
+                out = logits_of(module(x))
+            except Exception as exc:  # a shape or dtype the model cannot take
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise StudioError(f"the model cannot run on {self.train.name}: {first}") from None
+            ref = logits_of(teacher(x)) if teacher is not None else None
+        if self.train.y is not None and int(self.train.y.max()) >= out.shape[1]:
+            raise StudioError(
+                f"the model has {out.shape[1]} outputs but {self.train.name} has labels up to "
+                f"{int(self.train.y.max())}"
+            )
+        if ref is not None and ref.shape != out.shape:
+            raise StudioError(
+                f"the teacher's outputs {tuple(ref.shape[1:])} do not match the student's "
+                f"{tuple(out.shape[1:])}"
+            )
 
     def _loss(
         self,

@@ -333,3 +333,17 @@ def test_gradual_run_resumes_with_the_pruned_shapes(tmp_path) -> None:
     assert got == want
     # the student given to both jobs is untouched
     assert student.module.layers[0].conv1.out_channels == 16
+
+
+def test_labels_and_teachers_that_do_not_fit_are_refused(digits) -> None:
+    train, val = digits
+    three = DataSet(train.x, train.y % 3, "three classes")
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Flatten(), nn.Linear(1024, 3)).eval()
+    student = LoadedModel(small, "three", "three", EAGER, (1, 1, 32, 32))
+    job = FinetuneJob(student, train, DataSet(val.x, val.y % 3, "v"), FinetuneSettings(**ONE))
+    with pytest.raises(StudioError, match="has 3 outputs but digits"):
+        list(job.run())
+    job = FinetuneJob(student, three, three, FinetuneSettings(**ONE), teacher=tiny_net())
+    with pytest.raises(StudioError, match="teacher's outputs"):
+        list(job.run())
