@@ -12,7 +12,9 @@ extras=""
 
 debs=(xvfb xauth libxcb-cursor0 libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0
       libxcb-render-util0 libxcb-image0 libxcb-randr0 libxcb-xinerama0 libegl1 libgl1 libfontconfig1
-      libdbus-1-3)
+      libdbus-1-3
+      # QtWebEngine (the embedded Netron view)
+      libnss3 libxcomposite1 libxdamage1 libxrandr2 libxtst6 libxkbfile1 libgbm1 libasound2)
 if command -v dpkg >/dev/null && command -v apt-get >/dev/null; then
   missing=()
   for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
