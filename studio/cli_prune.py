@@ -37,6 +37,14 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--scan", metavar="FILE.json", help="a scan (studio scan --out) to allocate by")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     pr.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="structured: keep channel counts that are multiples of N (8 or 16 let vectorised "
+        "CPU/GPU kernels run the pruned layers at full speed; default 1: exact ratios)",
+    )
+    pr.add_argument(
         "--calib-data",
         metavar="SPEC",
         help="data the pruned model's batch-norm statistics are re-estimated on (default: "
@@ -64,6 +72,8 @@ def _check_args(args: argparse.Namespace) -> None:
         ]
         if args.no_recalibrate_bn:
             extra.append("--no-recalibrate-bn")
+        if args.round_to != 1:
+            extra.append("--round-to")
         if extra:
             raise StudioError(f"--recipe replays a saved plan: leave out {', '.join(extra)}")
     elif not targets:
@@ -95,11 +105,17 @@ def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
         model_fingerprint=model.fingerprint(),
         seed=args.seed,
         recalibrate_bn=not args.no_recalibrate_bn,
+        round_to=args.round_to,
     )
+    from studio.core.allocate import CostModel, allocate, load_scan, round_channels
+
     if args.ratio is not None:
         ratios = _uniform(model, method, args.ratio, base.cap, data)
+        if args.round_to > 1 and method == "structured":
+            cost = CostModel.build(model, method)
+            rounded = round_channels(cost, cost.ratio_vector(ratios), args.round_to)
+            ratios = {n: float(r) for n, r in zip(cost.names, rounded) if n in ratios}
         return replace(base.with_ratios(ratios), target={"ratio": args.ratio})
-    from studio.core.allocate import CostModel, allocate, load_scan
 
     kind = "params" if args.target_params is not None else "macs"
     fraction = args.target_params if kind == "params" else args.target_macs

@@ -11,6 +11,7 @@ import torch
 
 from studio.cli import main
 from studio.core import zoo
+from studio.core.models import load_model
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -209,6 +210,16 @@ def test_prune_to_a_macs_target(capsys, tmp_path, one_thread) -> None:
     )
     result = json.loads(stdout)
     assert code == 0 and 0.48 <= result["macs_after"] / result["macs_before"] <= 0.52
+    code, stdout, _ = run(
+        capsys,
+        *("prune", "--model", "demo", "--ratio", "0.3", "--round-to", "8"),
+        *("--out", str(tmp_path / "r8.pt"), "--json"),
+    )
+    assert code == 0 and json.loads(stdout)["params_after"] < 272_186
+    convs = [
+        m for m in load_model(str(tmp_path / "r8.pt")).module.modules() if hasattr(m, "groups")
+    ]
+    assert convs and all(conv.out_channels % 8 == 0 for conv in convs)
 
 
 def test_prune_unstructured_and_blocks_text_output(capsys, tmp_path, one_thread) -> None:
@@ -244,6 +255,7 @@ def test_prune_errors_are_one_line(capsys, tmp_path, one_thread) -> None:
         (["--model", "demo", "--recipe", str(bad), *out], "not valid YAML"),
         (["--model", "demo", "--recipe", str(unknown), *out], "does not have"),
         (["--model", "demo", "--recipe", str(bad), "--ratio", "0.5", *out], "leave out --ratio"),
+        (["--model", "demo", "--recipe", str(bad), "--round-to", "8", *out], "--round-to"),
         (["--model", "demo", *out], "say how much to prune"),
         (["--model", "demo", "--ratio", "0.5", "--out", "x.onnx"], "--out must end"),
         (["--model", "demo", "--ratio", "0.95", *out], "above the per-layer cap"),

@@ -69,6 +69,7 @@ class CostModel:
         self.module: nn.Module | None = None  # the model it was built for (read only)
         self.example_input: torch.Tensor | None = None
         self.groups: dict[str, object] = {}  # structured: target name -> Torch-Pruning group
+        self.rows: list[str] = []  # structured: layers whose channels a plan changes
         self._arrays: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -126,6 +127,22 @@ class CostModel:
             self.params_before - int(zeroed.sum()),
             self.macs_before - int(np.rint(zeroed @ a["macs_per_weight"])),
         )
+
+    def channels_vector(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Structured: output and input channels (or features) each of :attr:`rows` keeps
+        after ratios ``r`` in target order, as :meth:`predict_vector` counts them."""
+        if self.method != "structured":
+            raise StudioError("channel counts after a plan are known for structured plans only")
+        a = self._arrays
+        k = a["unit"] * np.clip(np.floor(a["n"] * r + 1e-9), 0.0, a["n"] - 1)
+        return a["dout"] - a["aout"] @ k, a["din"] - a["ain"] @ k
+
+    def unit_sizes(self) -> np.ndarray:
+        """Structured: channels removed per step of each target (1, or a head's share of a
+        fused attention projection)."""
+        if self.method != "structured":
+            return np.ones(len(self.names))
+        return self._arrays["unit"].copy()
 
     def steps(self) -> np.ndarray:
         """How many distinct counts each target's ratio selects among: channels (per attention
@@ -192,6 +209,7 @@ def _structured(cost: CostModel, module: nn.Module, x: torch.Tensor, macs: dict[
             out_of[name] = out_of[qkv]
             dims[(name, True)] = getattr(mods[qkv], "out_features", 0)
     rows = [n for n in mods if n in out_of or n in in_of]
+    cost.rows = rows
     n_groups = len(groups)
     a = {k: np.zeros(len(rows)) for k in ("dout", "din", "p_both", "p_out", "m_both", "m_out")}
     a["aout"], a["ain"] = np.zeros((len(rows), n_groups)), np.zeros((len(rows), n_groups))

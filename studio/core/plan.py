@@ -40,6 +40,7 @@ class PruningPlan:
     model_fingerprint: str = ""  # the model the plan was made for ("" = any)
     seed: int = 0  # for the random criterion
     recalibrate_bn: bool = True  # re-estimate batch-norm statistics on data after pruning
+    round_to: int = 1  # structured allocation keeps channel counts that are multiples of this
     target: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"macs": 0.5, "allocate": ..}
 
     def __post_init__(self) -> None:
@@ -53,6 +54,14 @@ class PruningPlan:
             )
         if not 0.0 < self.cap <= 1.0:
             raise StudioError(f"the per-layer cap must be in (0, 1], not {self.cap}")
+        if (
+            isinstance(self.round_to, bool)
+            or not isinstance(self.round_to, int)
+            or not (1 <= self.round_to <= 256)
+        ):
+            raise StudioError(
+                f"round_to must be a whole number from 1 to 256, not {self.round_to!r}"
+            )
         limit = 1.0 if self.method == "blocks" else self.cap
         for name, ratio in self.ratios.items():
             if not isinstance(ratio, int | float) or math.isnan(ratio):
@@ -91,6 +100,7 @@ class PruningPlan:
             "cap": self.cap,
             "seed": self.seed,
             "recalibrate_bn": self.recalibrate_bn,
+            "round_to": self.round_to,
             "model_fingerprint": self.model_fingerprint,
             "target": dict(self.target),
             "locked": list(self.locked),
@@ -114,6 +124,7 @@ class PruningPlan:
             "cap",
             "seed",
             "recalibrate_bn",
+            "round_to",
             "model_fingerprint",
             "target",
             "locked",
@@ -137,6 +148,7 @@ class PruningPlan:
                 model_fingerprint=str(data.get("model_fingerprint") or ""),
                 seed=int(data.get("seed", 0)),
                 recalibrate_bn=_boolean(data.get("recalibrate_bn", True), "recalibrate_bn"),
+                round_to=int(data.get("round_to", 1)),
                 target=dict(data.get("target") or {}),
             )
         except (TypeError, ValueError) as exc:

@@ -6,6 +6,7 @@ import copy
 import json
 import random
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -147,11 +148,29 @@ def test_strategies_land_on_half_the_macs(demo, cost, report, strategy) -> None:
 
 def test_allocated_plan_is_exact_after_a_recipe_round_trip(demo, cost, report, tmp_path) -> None:
     result = allocate(cost, PruningPlan(), "sensitivity", "macs", 0.5, report=report)
+    result = replace(result, round_to=4)
     result.save(tmp_path / "plan.yaml")
     again = PruningPlan.load(tmp_path / "plan.yaml")
+    assert again.round_to == 4
     params, macs = cost.predict(again.ratios)
     assert (params, macs) == cost.predict(result.ratios)
     assert (params, macs) == measured(demo, prune_for_real(demo, again.active()))
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global", "sensitivity"])
+def test_round_to_keeps_multiples_of_eight_channels(demo, cost, report, strategy) -> None:
+    plan = allocate(cost, PruningPlan(round_to=8), strategy, "macs", 0.5, report=report)
+    assert abs(cost.fractions(plan.ratios)[1] - 0.5) <= 0.02
+    assert plan.round_to == 8
+    pruned = prune_for_real(demo, plan.active())
+    for name, mod in pruned.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            assert mod.out_channels % 8 == 0, (name, mod.out_channels)
+    assert measured(demo, pruned) == cost.predict(plan.ratios)
+    exact = allocate(cost, PruningPlan(), strategy, "macs", 0.5, report=report)
+    assert plan.ratios != exact.ratios  # the demo's exact allocations keep 11/23/45-like counts
+    with pytest.raises(StudioError, match="round_to"):
+        PruningPlan(round_to=0)
 
 
 def test_sensitivity_predicts_less_drop_than_uniform(cost, report) -> None:
