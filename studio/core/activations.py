@@ -15,6 +15,10 @@ output: APoZ then counts the values a ReLU would zero (``<= 0``).
 For a dependency group (layers pruned together, such as the convolutions on both sides of a
 residual add) the scores of its member layers are combined: APoZ averaged, mean activations
 averaged after dividing each layer's by its own mean (so layers of different scale count alike).
+
+They are not always better than magnitude: on the demo digits (mostly blank background) 30% of
+every group by APoZ leaves 36.1% accuracy, by mean activation 73.1%, by L2 85.6% and at random
+83.3% (batch norms recalibrated): channels that fire only on strokes look "mostly zero".
 """
 
 from __future__ import annotations
