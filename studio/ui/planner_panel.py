@@ -40,6 +40,7 @@ from studio.ui.session import DETAIL, ERROR, WARNING, Session
 
 SUMMARY_MS = 80
 STRATEGIES = ("sensitivity", "global", "uniform")
+ROUNDING = {"exact": 1, "×4": 4, "×8": 8, "×16": 16}
 TARGET_KINDS = {"MACs": "macs", "parameters": "params"}
 RECIPE_FILTER = "Recipes (*.yaml *.yml *.json)"
 
@@ -114,6 +115,14 @@ class PlannerPanel(QWidget):
             "sensitivity: meet the target with the smallest predicted drop (needs a scan)\n"
             "global: one importance threshold across layers\nuniform: the same ratio everywhere"
         )
+        self.round_to = narrow_combo()
+        for label, value in ROUNDING.items():
+            self.round_to.addItem(label, value)
+        self.round_to.setToolTip(
+            "Keep channel counts that are multiples of this when allocating (structured).\n"
+            "Vectorised kernels (ONNX Runtime's NCHWc, oneDNN, tensor cores) run other counts\n"
+            "on slower paths: the demo at half the MACs is 1.7x faster with x8, 0.95x exact."
+        )
         self.allocate_button = QPushButton("Allocate")
         self.allocate_button.clicked.connect(self.allocate)
         plan_row, target_row = QHBoxLayout(), QHBoxLayout()
@@ -124,6 +133,7 @@ class PlannerPanel(QWidget):
             (target_row, "Target", self.kind),
             (target_row, "", self.keep),
             (target_row, "by", self.strategy),
+            (target_row, "channels", self.round_to),
         ):
             if label:
                 row.addWidget(QLabel(label))
@@ -168,6 +178,9 @@ class PlannerPanel(QWidget):
         self.method.currentTextChanged.connect(lambda _: self.rebuild())
         self.criterion.currentTextChanged.connect(lambda c: self.state.set_plan_fields(criterion=c))
         self.cap.valueChanged.connect(lambda v: self.state.set_plan_fields(cap=float(v)))
+        self.round_to.currentIndexChanged.connect(
+            lambda _i: self.state.set_plan_fields(round_to=int(self.round_to.currentData()))
+        )
         self.recalibrate.toggled.connect(
             lambda on: self.state.set_plan_fields(recalibrate_bn=bool(on))
         )
@@ -197,6 +210,7 @@ class PlannerPanel(QWidget):
             criterion=self.criterion.currentText(),
             cap=float(self.cap.value()),
             recalibrate_bn=self.recalibrate.isChecked(),
+            round_to=int(self.round_to.currentData()),
             model_fingerprint="",
         )
         self.summary.setText(f"Finding the {method} targets of {model.name}…")
@@ -419,6 +433,11 @@ class PlannerPanel(QWidget):
         self.criterion.setCurrentText(plan.criterion)
         self.cap.setValue(plan.cap)
         self.recalibrate.setChecked(plan.recalibrate_bn)
+        index = self.round_to.findData(plan.round_to)
+        if index < 0:
+            self.round_to.addItem(f"×{plan.round_to}", plan.round_to)
+            index = self.round_to.count() - 1
+        self.round_to.setCurrentIndex(index)
         self.state.set_plan_fields(ignored=plan.ignored)
         for target in self.state.targets:
             self.state.set_locked(target.name, target.name in plan.locked)

@@ -102,6 +102,15 @@ def test_scan_predicts_drops_and_sensitivity_allocation_meets_the_target(
     assert pruned_rows and all(planner.table.item(r, DROP).text() != "—" for r in pruned_rows)
     planner.undo_button.click()  # the whole allocation is one step
     assert not planner.state.plan.active()
+    planner.round_to.setCurrentText("×8")
+    assert planner.state.plan.round_to == 8
+    with qtbot.waitSignal(planner.state.changed, timeout=60_000):
+        planner.allocate()
+    qtbot.waitUntil(lambda: not planner.running("allocate"), timeout=10_000)
+    cost = planner.state.cost
+    out, _ = cost.channels_vector(cost.ratio_vector(planner.state.plan.ratios))
+    rounded = [int(c) for c, row in zip(out, cost.rows) if "conv" in row]
+    assert rounded and all(c % 8 == 0 for c in rounded)
 
 
 def test_apply_compare_sparsity_and_revert(qtbot, planner: PlannerPanel, demo) -> None:
