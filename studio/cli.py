@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from studio.core.errors import StudioError
 
 # the same as studio.ui.main_window.TABS (the CLI does not import Qt to learn it)
-GUI_TABS = ("layers", "sensitivity", "sparsity", "planner", "result", "training")
+GUI_TABS = ("layers", "sensitivity", "sparsity", "planner", "result", "training", "latency")
 
 
 class TerminalProgress:
@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.cli_export import add_export_parser
 
     add_export_parser(sub)
+    from studio.cli_report import add_report_parser
+    from studio.cli_view import add_view_parser
+
+    add_report_parser(sub)
+    add_view_parser(sub)
     gui = sub.add_parser("gui", help="open the studio window")
     _add_model_args(gui, required=False)
     _add_data_args(gui, required=False)
@@ -122,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="EPOCHS",
         help="fine-tune the pruned model for EPOCHS in the Training tab once a plan is applied",
+    )
+    gui.add_argument(
+        "--latency",
+        action="store_true",
+        help="measure every variant's latency (after --apply/--finetune) in the Latency tab",
     )
     gui.add_argument(
         "--scan",
@@ -307,6 +317,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         apply=args.apply,
         finetune=args.finetune,
+        latency=args.latency,
     )
 
 
@@ -328,6 +339,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from studio.cli_report import cmd_report as run
+
+    return run(args)
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from studio.cli_view import cmd_view as run
+
+    return run(args)
+
+
 COMMANDS = {
     "info": cmd_info,
     "eval": cmd_eval,
@@ -335,6 +358,8 @@ COMMANDS = {
     "prune": cmd_prune,
     "finetune": cmd_finetune,
     "export": cmd_export,
+    "report": cmd_report,
+    "view": cmd_view,
     "gui": cmd_gui,
 }
 
