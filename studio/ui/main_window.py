@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 from studio.core import zoo
 from studio.core.errors import StudioError
 from studio.core.models import parse_shape
+from studio.ui import export_actions
 from studio.ui.compare_panel import ComparePanel
 from studio.ui.layer_table import LayerTablePanel
 from studio.ui.log_panel import LogPanel
@@ -168,12 +169,21 @@ class MainWindow(QMainWindow):
         self._action(data_menu, "Image folder…", self.open_data_folder_dialog)
         self._action(data_menu, "Array file (.npz)…", self.open_data_file_dialog)
         file_menu.addSeparator()
+        self._action(
+            file_menu, "&Export…", partial(export_actions.open_export_dialog, self)
+        ).setShortcut(QKeySequence("Ctrl+E"))
+        self._action(
+            file_menu, "Export re&port…", partial(export_actions.export_report_dialog, self)
+        )
+        file_menu.addSeparator()
         self._action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         view_menu = self.menuBar().addMenu("&View")
         for i, name in enumerate(TABS, 1):
             self._action(view_menu, f"&{name.title()}", partial(self.show_tab, name)).setShortcut(
                 QKeySequence(f"Ctrl+{i}")
             )
+        view_menu.addSeparator()
+        self._action(view_menu, "&Graphs (Netron)…", partial(export_actions.open_graphs, self))
         view_menu.addSeparator()
         view_menu.addAction(self.summary_dock.toggleViewAction())
         view_menu.addAction(self.log_dock.toggleViewAction())
@@ -330,6 +340,7 @@ class MainWindow(QMainWindow):
         """Cancel running jobs, wait for their threads, and remember the layout."""
         if self.runner.is_busy():
             self.statusBar().showMessage("Cancelling running jobs…")
+        export_actions.close_all(self)
         self.runner.shutdown(timeout=60.0)
         if self.interactive:
             self.save_layout()
