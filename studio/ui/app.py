@@ -73,13 +73,15 @@ def run_gui(
     recipe: str | None = None,
     apply: bool = False,
     finetune: int | None = None,
+    latency: bool = False,
 ) -> int:
     """Open the studio, optionally with a model and data; return the exit status.
 
     ``tab`` is the tab shown first; ``scan`` starts a sensitivity scan with the default
     settings as soon as the model and data are in (and shows the Sensitivity tab); ``recipe``
     is loaded into the Planner once the model's targets are known, and with ``apply`` applied
-    once the data is in; ``finetune`` (epochs) fine-tunes the pruned model in the Training tab.
+    once the data is in; ``finetune`` (epochs) fine-tunes the pruned model in the Training tab;
+    ``latency`` measures every variant in the Latency tab once the last of those is in.
 
     With ``screenshot``, no dialogs are shown: once every job has ended the window is saved
     to that PNG file and the function returns 0, or 1 with a one-line message on stderr if
@@ -109,6 +111,9 @@ def run_gui(
         window.planner.load_recipe_when_ready(recipe, apply=apply)
     if finetune:
         window.training.start_when_pruned(finetune)
+    if latency:
+        after = "finetuned" if finetune else "pruned" if recipe and apply else "evaluation"
+        window.latency.measure_when_ready(after)
     if model_spec:
         window.open_model(model_spec)
     if data_spec:

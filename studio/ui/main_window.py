@@ -24,6 +24,7 @@ from studio.core.errors import StudioError
 from studio.core.models import parse_shape
 from studio.ui import export_actions
 from studio.ui.compare_panel import ComparePanel
+from studio.ui.latency_panel import LatencyPanel
 from studio.ui.layer_table import LayerTablePanel
 from studio.ui.log_panel import LogPanel
 from studio.ui.planner_panel import PlannerPanel
@@ -41,7 +42,7 @@ MODEL_FILTER = "Models (*.pt *.pth *.pt2 *.onnx *.ts);;All files (*)"
 DATA_FILTER = "Arrays (*.npz)"
 DEFAULT_SIZE = (1280, 800)
 STATE_VERSION = 1
-TABS = ("layers", "sensitivity", "sparsity", "planner", "result", "training")
+TABS = ("layers", "sensitivity", "sparsity", "planner", "result", "training", "latency")
 
 
 class MainWindow(QMainWindow):
@@ -75,7 +76,9 @@ class MainWindow(QMainWindow):
         self.planner = PlannerPanel(self.session, self.runner)
         self.result = ComparePanel(self.session)
         self.training = TrainingPanel(self.session, self.runner)
-        for panel in (self.sensitivity, self.sparsity, self.planner, self.result, self.training):
+        self.latency = LatencyPanel(self.session, self.runner)
+        panels = (self.sensitivity, self.sparsity, self.planner, self.result, self.training)
+        for panel in (*panels, self.latency):
             panel.error.connect(self._on_error)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
@@ -85,6 +88,7 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.planner, "Planner")
         self.tabs.addTab(self.result, "Result")
         self.tabs.addTab(self.training, "Training")
+        self.tabs.addTab(self.latency, "Latency")
         self.session.pruned_changed.connect(
             lambda r: self.show_tab("result") if r is not None and self.interactive else None
         )

@@ -67,6 +67,7 @@ def test_tabs_and_view_menu(qtbot) -> None:
         "Planner",
         "Result",
         "Training",
+        "Latency",
     ]
     window.show_tab("sparsity")
     assert window.tabs.currentWidget() is window.sparsity

@@ -1,0 +1,526 @@
+"""The Latency tab: measured and predicted latency of every model variant of the session
+(the original, each pruned and fine-tuned model), the per-layer breakdown, and quality against
+latency (or MACs) with the Pareto front.
+
+Every number says whether it was measured on this machine or estimated. Measuring runs as a
+stream job (one variant at a time, each row filled as it finishes); the prediction for this
+machine comes from :class:`studio.core.latency_predict.LatencyPredictor`, calibrated once
+by micro-benchmarks and cached on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+import torch
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.core.errors import StudioError
+from studio.core.files import write_atomic
+from studio.core.jobs import CancelToken, ProgressFn, sub_progress
+from studio.core.latency import default_threads, measure_latency, profile_layers
+from studio.core.latency_types import LatencyMeasurement, LayerTime
+from studio.core.models import LoadedModel
+from studio.core.plan import PruningPlan
+from studio.ui import charts
+from studio.ui import format as fmt
+from studio.ui.pareto_chart import ParetoChart
+from studio.ui.runner import Job, JobRunner
+from studio.ui.session import DETAIL, ERROR, WARNING, Session
+
+COLUMNS = (
+    "Variant",
+    "Parameters",
+    "MACs",
+    "Quality",
+    "Measured ms (p10–p90)",
+    "Samples/s",
+    "Estimated ms",
+    "Error",
+)
+RUNTIMES = {"ONNX Runtime": "onnxruntime", "PyTorch (eager)": "torch"}
+TOP_LAYERS = 15
+BAR_BRUSH = pg.mkBrush("#1f6feb")
+
+
+@dataclass
+class Variant:
+    """One model of the session, with what is known of its cost and quality."""
+
+    name: str
+    model: LoadedModel
+    plan: PruningPlan | None
+    params: int
+    macs: int | None
+    quality: float | None  # accuracy (or agreement) as a fraction
+    measured: dict[tuple, LatencyMeasurement] = field(default_factory=dict)
+    estimated: dict[tuple, float] = field(default_factory=dict)
+    layers: dict[tuple, list[LayerTime]] = field(default_factory=dict)
+
+
+class LatencyPanel(QWidget):
+    """Measures, predicts and compares latency of the session's model variants."""
+
+    error = Signal(str, str)
+
+    def __init__(self, session: Session, runner: JobRunner, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.runner = runner
+        self.variants: list[Variant] = []
+        self.job: Job | None = None
+        self.profile_job: Job | None = None
+        self._measure_after: str | None = None  # launch option: measure once this arrives
+        self._build()
+        runner.partial.connect(self._on_partial)
+        runner.finished.connect(self._on_finished)
+        runner.failed.connect(self._on_failed)
+        runner.cancelled.connect(self._on_cancelled)
+        session.model_changed.connect(self._reset)
+        session.evaluation_changed.connect(self._on_evaluation)
+        session.inventory_changed.connect(self._on_evaluation)
+        session.pruned_changed.connect(self._on_pruned)
+        session.finetuned_changed.connect(self._on_finetuned)
+        self._reset()
+
+    # ---- layout -------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        self.runtime = QComboBox()
+        self.runtime.addItems(list(RUNTIMES))
+        self.device = QComboBox()
+        self.device.addItem("CPU", "cpu")
+        if torch.cuda.is_available():
+            self.device.addItem(f"CUDA ({torch.cuda.get_device_name(0)})", "cuda")
+        self.batch = self._spin(1, 4096, 1, "samples per inference")
+        self.threads = self._spin(1, os.cpu_count() or 1, default_threads(), "intra-op threads")
+        self.budget = QDoubleSpinBox()
+        self.budget.setRange(0.2, 60.0)
+        self.budget.setValue(2.0)
+        self.budget.setSuffix(" s")
+        self.budget.setToolTip("time budget per model: runs stop when the median is stable or here")
+        self.measure_button = QPushButton("Measure")
+        self.measure_button.setStyleSheet("font-weight: 600")
+        self.measure_button.setToolTip("Time every variant (and estimate it from the lookup table)")
+        self.measure_button.clicked.connect(self.measure)
+        self.profile_button = QPushButton("Per-layer profile")
+        self.profile_button.setToolTip("Where the selected variant spends its time, per layer")
+        self.profile_button.clicked.connect(self.profile)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.x_axis = QComboBox()
+        self.x_axis.addItems(["latency", "MACs"])
+        self.x_axis.setToolTip("What the quality chart plots against")
+        self.x_axis.currentIndexChanged.connect(self.redraw)
+        self.saving = charts.SaveButtons(
+            self,
+            self.session,
+            self.save_png,
+            self.save_csv,
+            lambda suffix: f"{charts.model_stem(self.session)}-latency{suffix}",
+            ("Save latency charts", "Save latency table"),
+            lambda title, message: self.error.emit(title, message),
+        )
+        row = QHBoxLayout()
+        for label, widget in (
+            ("Runtime", self.runtime),
+            ("Device", self.device),
+            ("Batch", self.batch),
+            ("Threads", self.threads),
+            ("Budget", self.budget),
+        ):
+            row.addWidget(QLabel(label))
+            row.addWidget(widget)
+        for widget in (self.measure_button, self.profile_button, self.cancel_button):
+            row.addWidget(widget)
+        row.addStretch(1)
+        row.addWidget(QLabel("Plot against"))
+        row.addWidget(self.x_axis)
+        row.addWidget(self.saving.png)
+        row.addWidget(self.saving.csv)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(list(COLUMNS))
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
+        self.table.itemSelectionChanged.connect(self.redraw)
+        self.bars = pg.PlotWidget(title="Per-layer time (measured)")
+        self.bars.invertY(True)
+        self.bars.setMenuEnabled(False)
+        self.bars.setLabel("bottom", "ms per inference")
+        self.pareto = ParetoChart()
+        charts_row = QSplitter(Qt.Orientation.Horizontal)
+        charts_row.addWidget(self.bars)
+        charts_row.addWidget(self.pareto)
+        self.charts = charts_row
+        body = QSplitter(Qt.Orientation.Vertical)
+        body.addWidget(self.table)
+        body.addWidget(charts_row)
+        body.setStretchFactor(1, 2)
+        for combo in (self.runtime, self.device):
+            combo.currentIndexChanged.connect(self.refresh)
+        for spin in (self.batch, self.threads):
+            spin.valueChanged.connect(self.refresh)
+        layout = QVBoxLayout(self)
+        layout.addLayout(row)
+        layout.addWidget(self.status)
+        layout.addWidget(body, 1)
+
+    def _spin(self, low: int, high: int, value: int, tip: str) -> QSpinBox:
+        box = QSpinBox()
+        box.setRange(low, high)
+        box.setValue(value)
+        box.setToolTip(tip)
+        return box
+
+    def measure_when_ready(self, after: str) -> None:
+        """Measure (and profile the last variant) once ``after`` arrives: 'evaluation',
+        'pruned' or 'finetuned' (used at launch)."""
+        self._measure_after = after
+
+    def _maybe_measure(self, event: str) -> None:
+        if self._measure_after == event:
+            self._measure_after = "profile"
+            QTimer.singleShot(0, self.measure)
+
+    # ---- variants -----------------------------------------------------------------------
+
+    def _reset(self, *_args: object) -> None:
+        self.variants = []
+        model = self.session.model
+        if model is not None:
+            params = sum(p.numel() for p in model.module.parameters())
+            self.variants.append(Variant("original", model, None, params, None, None))
+            self._on_evaluation()
+        self.refresh()
+
+    def _on_evaluation(self, *_args: object) -> None:
+        if not self.variants:
+            return
+        original = self.variants[0]
+        inventory, evaluation = self.session.inventory, self.session.evaluation
+        if inventory is not None:
+            original.macs = inventory.macs
+        if evaluation is not None:
+            original.quality = _quality(evaluation)
+            self._maybe_measure("evaluation")
+        self.refresh()
+
+    def _on_pruned(self, result: Any) -> None:
+        if result is None or not self.variants:
+            return
+        count = sum(1 for v in self.variants if v.name.startswith("pruned"))
+        self.variants.append(
+            Variant(
+                f"pruned {count + 1}",
+                result.model,
+                result.plan,
+                result.params_after,
+                result.macs_after,
+                _quality(result.quality_after),
+            )
+        )
+        self.refresh()
+        self._maybe_measure("pruned")
+
+    def _on_finetuned(self, result: Any) -> None:
+        pruned = self.session.pruned
+        if result is None or not self.variants:
+            return
+        source = next((v for v in reversed(self.variants) if v.model is pruned.model), None)
+        name = f"{source.name} fine-tuned" if source is not None else "fine-tuned"
+        quality = result.accuracy_after if result.accuracy_after is not None else None
+        quality = quality if quality is not None else result.agreement_after
+        self.variants.append(
+            Variant(
+                name,
+                result.model,
+                source.plan if source is not None else None,
+                result.params,
+                source.macs if source is not None else None,
+                quality,
+            )
+        )
+        self.refresh()
+        self._maybe_measure("finetuned")
+
+    def settings_key(self) -> tuple:
+        return (
+            RUNTIMES[self.runtime.currentText()],
+            self.batch.value(),
+            self.threads.value(),
+            self.device.currentData(),
+        )
+
+    # ---- jobs ---------------------------------------------------------------------------
+
+    def measure(self) -> Job | None:
+        """Measure every variant not yet measured with these settings, then estimate them."""
+        if not self.variants or self.busy:
+            return None
+        runtime, batch, threads, device = key = self.settings_key()
+        budget = float(self.budget.value())
+        todo = [v for v in self.variants if key not in v.measured]
+        original = self.variants[0]
+        if not todo:
+            todo = list(self.variants)  # measure again on request
+
+        def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
+            share = 0.85 / len(todo)
+            for i, variant in enumerate(todo):
+                step = sub_progress(progress, i * share, (i + 1) * share)
+                result = measure_latency(
+                    variant.model, runtime, batch, threads, device, max_seconds=budget,
+                    progress=step, cancel=cancel,
+                )  # fmt: skip
+                yield ("measured", variant, key, result)
+            if device != "cpu":
+                return "estimates are made for the CPU only"
+            try:
+                from studio.core.latency_predict import LatencyPredictor
+
+                predictor = LatencyPredictor.build(
+                    original.model, runtime, batch, threads,
+                    progress=sub_progress(progress, 0.85, 1.0), cancel=cancel,
+                )  # fmt: skip
+            except StudioError as exc:
+                return f"no estimate: {exc}"
+            for variant in self.variants:
+                plan = variant.plan or PruningPlan()
+                if plan.method != "structured":
+                    continue
+                yield ("estimated", variant, key, predictor.predict(plan).total_ms)
+            return ""
+
+        self.job = self.runner.start_stream("Measuring latency", work)
+        self.status.setText(f"Measuring {len(todo)} variant(s) with {runtime}, batch {batch}…")
+        self._update_controls()
+        return self.job
+
+    def profile(self) -> Job | None:
+        variant = self.selected()
+        if variant is None or self.busy:
+            return None
+        runtime, batch, threads, device = key = self.settings_key()
+
+        def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
+            layers = profile_layers(
+                variant.model, runtime, batch, threads, device, progress=progress, cancel=cancel
+            )
+            yield ("layers", variant, key, layers)
+
+        self.profile_job = self.runner.start_stream("Per-layer latency", work)
+        self.status.setText(f"Profiling the layers of {variant.name} with {runtime}…")
+        self._update_controls()
+        return self.profile_job
+
+    def cancel(self) -> None:
+        for job in (self.job, self.profile_job):
+            if job is not None and not job.done:
+                job.cancel()
+
+    @property
+    def busy(self) -> bool:
+        return any(j is not None and not j.done for j in (self.job, self.profile_job))
+
+    def _on_partial(self, job: Job, item: object) -> None:
+        if job not in (self.job, self.profile_job) or not isinstance(item, tuple):
+            return
+        kind, variant, key, value = item
+        if kind == "measured":
+            variant.measured[key] = value
+        elif kind == "estimated":
+            variant.estimated[key] = value
+        elif kind == "layers":
+            variant.layers[key] = value
+        self.refresh()
+
+    def _on_finished(self, job: Job, result: object) -> None:
+        if job is self.job:
+            text = "Measured: medians of repeated runs after warm-up (measured on this machine)."
+            if isinstance(result, str) and result:
+                text += f" {result}."
+                self.session.log(f"Latency: {result}", WARNING)
+            else:
+                text += " Estimated: the lookup table's prediction, without running the model."
+            self.status.setText(text)
+            self.session.log(self._log_line())
+            if self._measure_after == "profile":
+                self._measure_after = None
+                self.table.selectRow(len(self.variants) - 1)
+                QTimer.singleShot(0, self.profile)
+        elif job is self.profile_job:
+            self.status.setText("Per-layer times measured with the runtime's own profiler.")
+        else:
+            return
+        self._update_controls()
+
+    def _on_failed(self, job: Job, message: str) -> None:
+        if job in (self.job, self.profile_job):
+            self.status.setText(f"Latency failed: {message}")
+            self.session.log(f"Latency failed: {message}", ERROR)
+            if job.traceback:
+                self.session.log(job.traceback, DETAIL)
+            self.error.emit("Latency failed", message)
+            self._update_controls()
+
+    def _on_cancelled(self, job: Job) -> None:
+        if job in (self.job, self.profile_job):
+            self.status.setText("Cancelled; the rows measured so far are kept.")
+            self._update_controls()
+
+    # ---- view ---------------------------------------------------------------------------
+
+    def selected(self) -> Variant | None:
+        rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
+        row = rows[0].row() if rows else 0
+        return self.variants[row] if 0 <= row < len(self.variants) else None
+
+    def refresh(self, *_args: object) -> None:
+        key = self.settings_key()
+        keep = self.selected()
+        self.table.setRowCount(len(self.variants))
+        base = self.variants[0].measured.get(key) if self.variants else None
+        for i, v in enumerate(self.variants):
+            m, est = v.measured.get(key), v.estimated.get(key)
+            measured = (
+                f"{m.median_ms:.3f}  ({m.p10_ms:.3f}–{m.p90_ms:.3f})" if m is not None else ""
+            )
+            if m is not None and base is not None and v is not self.variants[0]:
+                measured += f"  {base.median_ms / m.median_ms:.2f}×"
+            error = f"{(est - m.median_ms) / m.median_ms:+.1%}" if m and est else ""
+            values = (
+                v.name,
+                fmt.thousands(v.params),
+                fmt.compact(v.macs) if v.macs else fmt.DASH,
+                fmt.percent(v.quality, 2) if v.quality is not None else fmt.DASH,
+                measured,
+                f"{m.throughput:,.0f}" if m is not None else "",
+                f"{est:.3f}" if est is not None else "",
+                error,
+            )
+            for column, text in enumerate(values):
+                item = QTableWidgetItem(text)
+                if column:
+                    item.setTextAlignment(
+                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+                    )
+                self.table.setItem(i, column, item)
+        if keep in self.variants:
+            self.table.selectRow(self.variants.index(keep))
+        self.redraw()
+        self._update_controls()
+
+    def redraw(self, *_args: object) -> None:
+        key = self.settings_key()
+        variant = self.selected()
+        self.bars.clear()
+        layers = variant.layers.get(key, []) if variant is not None else []
+        if layers:
+            shown = layers[:TOP_LAYERS]
+            y = np.arange(len(shown), dtype=float)
+            widths = np.array([layer.ms for layer in shown])
+            self.bars.addItem(
+                pg.BarGraphItem(x0=0, y=y, height=0.7, width=widths, brush=BAR_BRUSH, pen=None)
+            )
+            self.bars.getAxis("left").setTicks(
+                [[(float(i), f"{layer.name} ({layer.op})") for i, layer in enumerate(shown)]]
+            )
+            self.bars.setXRange(0, float(widths.max()) * 1.05, padding=0)
+            self.bars.setYRange(-0.6, len(shown) - 0.4, padding=0)
+            self.bars.setTitle(f"Per-layer time of {variant.name} (measured, slowest first)")  # type: ignore[union-attr]
+        else:
+            self.bars.setTitle("Per-layer time: select a variant, then Per-layer profile")
+        by_latency = self.x_axis.currentText() == "latency"
+        points = [
+            (v.name, v.measured[key].median_ms if by_latency else v.macs, v.quality)
+            for v in self.variants
+            if v.quality is not None and (v.measured.get(key) is not None if by_latency else v.macs)
+        ]
+        names = [p[0] for p in points]
+        cost_label = "latency (ms, measured)" if by_latency else "MACs"
+        self.pareto.set_points(
+            names, [p[1] for p in points], [p[2] for p in points], cost_label, "quality (%)"
+        )
+
+    def _log_line(self) -> str:
+        key = self.settings_key()
+        parts = []
+        for v in self.variants:
+            m, est = v.measured.get(key), v.estimated.get(key)
+            if m is not None:
+                text = f"{v.name} {m.median_ms:.3f} ms measured"
+                if est is not None:
+                    text += f" / {est:.3f} estimated"
+                parts.append(text)
+        runtime, batch, threads, device = key
+        return f"Latency ({runtime}, batch {batch}, {threads} threads, {device}): " + "; ".join(
+            parts
+        )
+
+    def csv(self) -> str:
+        key = self.settings_key()
+        rows = []
+        for v in self.variants:
+            m, est = v.measured.get(key), v.estimated.get(key)
+            rows.append(
+                [
+                    v.name, v.params, v.macs or "", "" if v.quality is None else v.quality,
+                    *(("", "", "", "") if m is None else
+                      (m.median_ms, m.p10_ms, m.p90_ms, m.throughput)),
+                    "" if est is None else est, *key,
+                ]
+            )  # fmt: skip
+        header = [
+            "variant", "params", "macs", "quality", "measured_median_ms", "measured_p10_ms",
+            "measured_p90_ms", "throughput", "estimated_ms", "runtime", "batch", "threads",
+            "device",
+        ]  # fmt: skip
+        return charts.csv_text(header, rows)
+
+    def save_png(self, path: str | Path) -> Path:
+        return charts.save_png(self.charts, path, self.session.input_files())
+
+    def save_csv(self, path: str | Path) -> Path:
+        if not self.variants:
+            raise StudioError("there is nothing measured to save yet")
+        return write_atomic(path, self.csv(), self.session.input_files())
+
+    def _update_controls(self) -> None:
+        busy = self.busy
+        self.measure_button.setEnabled(bool(self.variants) and not busy)
+        self.profile_button.setEnabled(bool(self.variants) and not busy)
+        self.cancel_button.setEnabled(busy)
+        for widget in (self.runtime, self.device, self.batch, self.threads, self.budget):
+            widget.setEnabled(not busy)
+        self.saving.set_enabled(bool(self.variants))
+
+
+def _quality(evaluation: Any) -> float | None:
+    if evaluation is None:
+        return None
+    accuracy = getattr(evaluation, "accuracy", None)
+    return accuracy if accuracy is not None else getattr(evaluation, "agreement", None)
