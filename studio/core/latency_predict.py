@@ -1,0 +1,504 @@
+"""Latency of a pruning plan predicted for this machine without building the pruned model.
+
+A per-layer lookup table (as NetAdapt and HALP build them) holds micro-benchmarked times of
+each convolution and linear configuration the model has (:mod:`studio.core.latency_micro`) at a
+few channel counts per dimension; ONNX Runtime convolutions are timed at whole NCHWc blocks of 8
+channels and counts in between are interpolated bilinearly (exact for a cost of the form
+a + b*c_in + c*c_out + d*c_in*c_out). What no single layer shows (fused adds and pooling,
+reorders, the runtime's fixed cost per inference) is a per-model fit
+``measured = a * table_sum + c * activations + b``, least squares on the unpruned model and a
+few pruned variants measured side by side. Table and fit are cached on disk per machine,
+runtime and thread count, so a second build only traces the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from studio.core.costs import CostModel
+from studio.core.errors import StudioError
+from studio.core.files import write_atomic
+from studio.core.jobs import CancelToken, ProgressFn, check, report, sub_progress
+from studio.core.latency import _check, default_threads, torch_threads
+from studio.core.latency_micro import NCHWC_BLOCK, LayerConfig, time_onnx, time_torch
+from studio.core.latency_types import LayerTime, PredictedLatency
+from studio.core.models import LoadedModel
+from studio.core.paths import cache_dir
+from studio.core.plan import PruningPlan
+
+CACHE_VERSION = 1
+FIT_VERSION = 3  # the form of the per-model fit (coefficients) cached
+GRID = 4  # channel counts measured per dimension (ends included)
+FIT_RATIOS = (0.0, 0.25, 0.5)  # uniform variants measured for the fit, plus FIT_RANDOM plans
+FIT_RANDOM = 6
+BLOCK = NCHWC_BLOCK
+
+
+@dataclass
+class _Layer:
+    name: str
+    op: str  # module type
+    cfg: LayerConfig
+    c_in: int
+    c_out: int
+    in_row: int  # index into CostModel.rows, -1 when no plan changes this side
+    out_row: int
+    # layout regime -> (input channels, output channels measured, ms at each pair)
+    grids: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    elems: float  # output activation elements per output channel
+
+    def points(self) -> list[tuple[int, int]]:
+        return [(int(x), int(y)) for xs, ys, _ in self.grids.values() for x in xs for y in ys]
+
+
+def machine_key(runtime: str, threads: int) -> str:
+    """Names this machine, runtime (and its version) and thread count in cache file names."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        version = onnxruntime.__version__
+    else:
+        version = torch.__version__
+    text = f"{cpu}|{platform.machine()}|{runtime}|{version}"
+    return f"{runtime}-{hashlib.sha256(text.encode()).hexdigest()[:12]}-t{threads}"
+
+
+def cache_path(runtime: str, threads: int) -> Path:
+    folder = cache_dir() / "latency"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{machine_key(runtime, threads)}.json"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"version": CACHE_VERSION, "table": {}, "fits": {}}
+    if data.get("version") != CACHE_VERSION:
+        return {"version": CACHE_VERSION, "table": {}, "fits": {}}
+    return data
+
+
+def _write_cache(path: Path, table: dict[str, float], fits: dict[str, dict]) -> None:
+    """Merge into what is on disk now (another build may have added entries) and replace."""
+    data = _read_cache(path)
+    data["table"].update(table)
+    data["fits"].update(fits)
+    write_atomic(path, json.dumps(data))
+
+
+def regime(op: str, c_in: float, c_out: float) -> str:
+    """Which kernel ONNX Runtime's CPU provider runs (its NCHWc transformer's rules):
+    ``c`` NCHWc blocks (output channels padded to 8), ``d`` NCHWc output from a plain input
+    of fewer than 8 channels, ``n`` plain NCHW (input channels not a multiple of 8; depthwise:
+    output channels), ``l`` a linear layer."""
+    if op == "linear":
+        return "l"
+    if op == "dwconv":
+        return "c" if c_out % BLOCK == 0 else "n"
+    if c_in < BLOCK:
+        return "d"
+    return "c" if c_in % BLOCK == 0 else "n"
+
+
+def _spread(lo: float, hi: float, count: int) -> np.ndarray:
+    return np.unique(np.round(np.linspace(lo, hi, max(1, min(count, int(hi - lo) + 1)))))
+
+
+def _unaligned(values: np.ndarray) -> np.ndarray:
+    return np.unique(np.where(values % BLOCK == 0, values - 1, values))
+
+
+def _grids(op: str, c_in: int, c_out: int, fixed_in: bool, fixed_out: bool) -> dict:
+    """The channel counts to measure in each regime the layer can reach under pruning."""
+
+    def outs(kind: str) -> np.ndarray:
+        if fixed_out:
+            return np.array([float(c_out)])
+        if kind == "n":
+            values = _spread(1, c_out, GRID)
+            return _unaligned(values) if op == "dwconv" else values
+        return _spread(1, np.ceil(c_out / BLOCK), GRID) * BLOCK
+
+    if op == "linear":
+        ins = np.array([float(c_in)]) if fixed_in else _spread(1, c_in, GRID)
+        return {"l": (ins, outs("l"))}
+    if op == "dwconv":
+        kinds = {regime(op, c_in, c_out)} if fixed_out else {"c", "n"}
+        return {k: (np.array([0.0]), outs(k)) for k in kinds}
+    if fixed_in:
+        kind = regime(op, c_in, c_out)
+        return {kind: (np.array([float(c_in)]), outs(kind))}
+    grids = {"d": (np.array([1.0, BLOCK - 1.0]), outs("d"))}
+    if c_in >= BLOCK:
+        grids["c"] = (_spread(1, c_in // BLOCK, GRID) * BLOCK, outs("c"))
+    if c_in > BLOCK + 1:
+        grids["n"] = (_unaligned(_spread(BLOCK + 1, c_in, GRID)), outs("n"))
+    return grids
+
+
+class LatencyPredictor:
+    """Predicted latency of any plan of one model, at one runtime, batch and thread count."""
+
+    def __init__(
+        self, cost: CostModel, layers: list[_Layer], runtime: str, batch: int, threads: int
+    ) -> None:
+        self.cost = cost
+        self.layers = layers
+        self.runtime, self.batch, self.threads = runtime, batch, threads
+        # the model's fit: scale of NCHWc/other table times, of plain-NCHW ones, ms per
+        # million output activations, ms per plain-NCHW layer (reorders around it), constant
+        self.coef = np.array([1.0, 1.0, 0.0, 0.0, 0.0])
+        self.fit_error = 0.0  # largest relative error of the fit on its measured variants
+        self.measured_ms: float | None = None  # the unpruned model measured during the fit
+        self.calibrated_points = 0  # micro-benchmarks run by this build (0: all from cache)
+        self.table: dict[str, float] = {}
+        self._full = np.ones(len(cost.names))
+        self.original_ms = 0.0
+
+    # ---- building ----------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        model: LoadedModel,
+        runtime: str = "onnxruntime",
+        batch: int = 1,
+        threads: int | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+        recalibrate: bool = False,
+        fit: bool = True,
+        cost: CostModel | None = None,
+    ) -> LatencyPredictor:
+        """Trace ``model``, micro-benchmark the layer configurations missing from the cache
+        (all of them with ``recalibrate``), and fit the model's overhead (``fit``)."""
+        threads = _check(runtime, batch, threads, "cpu")
+        report(progress, 0.0, "tracing the model")
+        cost = cost if cost is not None and cost.method == "structured" else None
+        cost = cost or CostModel.build(model, "structured")
+        layers = _layers(model, cost, batch, runtime)
+        if not layers:
+            raise StudioError(f"{model.name} has no convolution or linear layer to predict")
+        self = cls(cost, layers, runtime, batch, threads)
+        path = cache_path(runtime, threads)
+        cached = _read_cache(path)
+        known: dict[str, float] = {} if recalibrate else dict(cached["table"])
+        configs = {
+            layer.cfg.key(x, y): (layer.cfg, x, y) for layer in layers for x, y in layer.points()
+        }
+        todo = sorted(k for k in configs if k not in known)
+        timer = time_onnx if runtime == "onnxruntime" else time_torch
+        measured: dict[str, float] = {}
+        step = sub_progress(progress, 0.02, 0.6 if fit else 1.0)
+        with torch_threads(threads):
+            for i, key in enumerate(todo):
+                check(cancel)
+                cfg, c_in, c_out = configs[key]
+                measured[key] = timer(cfg, c_in, c_out, threads)
+                report(step, (i + 1) / len(todo), f"micro-benchmarks {i + 1}/{len(todo)}")
+        known.update(measured)
+        self.calibrated_points = len(measured)
+        for layer in layers:
+            for kind, (xs, ys, _) in list(layer.grids.items()):
+                table = np.array([[known[layer.cfg.key(int(x), int(y))] for y in ys] for x in xs])
+                layer.grids[kind] = (xs, ys, table)
+        self.table = {k: known[k] for k in configs}
+        fit_key = f"{model.fingerprint()}|b{batch}|fit{FIT_VERSION}"
+        fits: dict[str, dict] = {}
+        if fit:
+            entry = None if recalibrate else cached["fits"].get(fit_key)
+            if entry is None:
+                entry = _fit(self, model, sub_progress(progress, 0.6, 1.0), cancel)
+                fits[fit_key] = entry
+            self.coef = np.array(entry["coef"], float)
+            self.fit_error = float(entry.get("error", 0.0))
+            self.measured_ms = entry.get("measured_ms")
+        if measured or fits:
+            _write_cache(path, measured, fits)
+        self.original_ms = self.predict_ms(self._zero())
+        report(progress, 1.0, "done")
+        return self
+
+    # ---- predicting --------------------------------------------------------------------
+
+    def _zero(self) -> np.ndarray:
+        return np.zeros(len(self.cost.names))
+
+    def _features(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Table time, output activations and plain-NCHW flag of every layer after ``r``."""
+        outs, ins = self.cost.channels_vector(r)
+        times = np.empty(len(self.layers))
+        acts = np.empty(len(self.layers))
+        plain = np.zeros(len(self.layers), bool)
+        for i, layer in enumerate(self.layers):
+            c_out = outs[layer.out_row] if layer.out_row >= 0 else layer.c_out
+            c_in = ins[layer.in_row] if layer.in_row >= 0 else layer.c_in
+            kind = regime(layer.cfg.op, c_in, c_out) if self.runtime == "onnxruntime" else "t"
+            xs, ys, table = layer.grids.get(kind) or next(iter(layer.grids.values()))
+            y = c_out if kind in ("n", "l") else -(-c_out // BLOCK) * BLOCK
+            times[i] = _bilinear(xs, ys, table, 0.0 if layer.cfg.op == "dwconv" else c_in, y)
+            acts[i] = y * layer.elems
+            plain[i] = kind == "n"
+        return times, acts, plain
+
+    def _per_layer(self, r: np.ndarray) -> np.ndarray:
+        times, acts, plain = self._features(r)
+        a_c, a_n, c, d, _ = self.coef
+        return np.where(plain, a_n * times + d, a_c * times) + c * acts * 1e-6
+
+    def predict_ms(self, r: np.ndarray) -> float:
+        """Total predicted ms for ratios in the cost model's target order (allocator use)."""
+        return float(self._per_layer(r).sum() + self.coef[4])
+
+    def predict(self, plan: PruningPlan | Mapping[str, float]) -> PredictedLatency:
+        """Predicted latency of ``plan`` (a plan, or structured ratios by target name)."""
+        note = ""
+        if isinstance(plan, PruningPlan):
+            if plan.method in ("unstructured", "nm"):
+                r, note = self._zero(), f"{self.runtime} runs zeroed weights densely: no gain"
+            elif plan.method == "blocks":
+                return self._predict_blocks(plan)
+            else:
+                r = self.cost.ratio_vector({n: plan.ratio(n) for n in self.cost.names})
+        else:
+            r = self.cost.ratio_vector(plan)
+        return self._result(self._per_layer(r), float(self.coef[4]), note)
+
+    def _predict_blocks(self, plan: PruningPlan) -> PredictedLatency:
+        per_layer = self._per_layer(self._zero())
+        gone = [n for n, v in plan.ratios.items() if v >= 0.5 and n not in plan.ignored]
+        keep = np.array(
+            [not any(layer.name.startswith(g + ".") for g in gone) for layer in self.layers]
+        )
+        note = "removed blocks: their layers' times taken out (adds and shortcuts kept)"
+        return self._result(np.where(keep, per_layer, 0.0), float(self.coef[4]), note)
+
+    def _result(self, per_layer: np.ndarray, overhead: float, note: str) -> PredictedLatency:
+        total = float(per_layer.sum()) + overhead
+        denom = float(per_layer.sum()) or 1.0
+        rows = sorted(
+            (
+                LayerTime(layer.name, layer.op, float(ms), float(ms) / denom, "estimated")
+                for layer, ms in zip(self.layers, per_layer)
+            ),
+            key=lambda t: -t.ms,
+        )
+        return PredictedLatency(
+            total, tuple(rows), self.runtime, self.batch, self.threads, overhead, note
+        )
+
+    def fraction(self, plan: PruningPlan | Mapping[str, float]) -> float:
+        """Predicted latency of ``plan`` as a fraction of the unpruned model's."""
+        return self.predict(plan).total_ms / self.original_ms if self.original_ms else 1.0
+
+
+def _bilinear(xs: np.ndarray, ys: np.ndarray, table: np.ndarray, x: float, y: float) -> float:
+    i, tx = _segment(xs, x)
+    j, ty = _segment(ys, y)
+    if xs.size == 1 and ys.size == 1:
+        return float(table[0, 0])
+    if xs.size == 1:
+        return float(table[0, j] * (1 - ty) + table[0, j + 1] * ty)
+    if ys.size == 1:
+        return float(table[i, 0] * (1 - tx) + table[i + 1, 0] * tx)
+    low = table[i, j] * (1 - ty) + table[i, j + 1] * ty
+    high = table[i + 1, j] * (1 - ty) + table[i + 1, j + 1] * ty
+    return float(low * (1 - tx) + high * tx)
+
+
+def _segment(xs: np.ndarray, x: float) -> tuple[int, float]:
+    """Index of the grid segment holding ``x`` and the position in it (extrapolating at the
+    ends, so that fewer channels than the smallest measured still cost less)."""
+    if xs.size == 1:
+        return 0, 0.0
+    i = int(np.searchsorted(xs, x, side="right")) - 1
+    i = min(max(i, 0), xs.size - 2)
+    lo, hi = xs[i], xs[i + 1]
+    return i, float((x - lo) / (hi - lo))
+
+
+def _layers(model: LoadedModel, cost: CostModel, batch: int, runtime: str) -> list[_Layer]:
+    """Every Conv2d and Linear with its configuration, channels and the rows that change them."""
+    module = model.module
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    names = {m: n for n, m in module.named_modules()}
+
+    def hook(mod: nn.Module, inputs: tuple, out: object) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            shapes.setdefault(names[mod], (tuple(inputs[0].shape), tuple(out.shape)))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            module(model.example_input())
+    finally:
+        for h in handles:
+            h.remove()
+    rows = {n: i for i, n in enumerate(cost.rows)}
+    r_max = np.full(len(cost.names), 0.99)
+    outs, ins = cost.channels_vector(r_max) if cost.rows else (np.zeros(0), np.zeros(0))
+    layers = []
+    for name, mod in module.named_modules():
+        if name not in shapes:
+            continue
+        (shape_in, shape_out) = shapes[name]
+        if isinstance(mod, nn.Linear):
+            n = batch * int(np.prod(shape_in[1:-1])) if len(shape_in) > 2 else batch
+            cfg = LayerConfig("linear", 1, 1, 1, 1, n)
+            c_in, c_out, elems = mod.in_features, mod.out_features, float(n)
+        else:
+            k, s = mod.kernel_size[0], mod.stride[0]
+            depthwise = mod.groups > 1 and mod.groups == mod.in_channels
+            if mod.groups > 1 and not depthwise:
+                continue  # grouped convolutions are left to the model's fit
+            op = "dwconv" if depthwise else "conv"
+            cfg = LayerConfig(op, int(k), int(s), int(shape_in[2]), int(shape_in[3]), batch)
+            c_in, c_out = mod.in_channels, mod.out_channels
+            elems = float(batch * shape_out[2] * shape_out[3])
+        i = rows.get(name, -1)
+        out_row = i if i >= 0 and outs[i] < c_out else -1
+        in_row = i if i >= 0 and ins[i] < c_in else -1
+        if runtime == "onnxruntime":
+            pairs = _grids(cfg.op, c_in, c_out, in_row < 0, out_row < 0)
+        else:  # PyTorch's kernels have no layout regimes: one grid over the raw counts
+            pairs = {"t": _grids("linear", c_in, c_out, in_row < 0, out_row < 0)["l"]}
+            if cfg.op == "dwconv":
+                pairs = {"t": (np.array([0.0]), pairs["t"][1])}
+        grids = {k: (xs, ys, np.zeros(0)) for k, (xs, ys) in pairs.items()}
+        layers.append(
+            _Layer(name, type(mod).__name__, cfg, c_in, c_out, in_row, out_row, grids, elems)
+        )
+    return layers
+
+
+def _fit(
+    predictor: LatencyPredictor,
+    model: LoadedModel,
+    progress: ProgressFn | None,
+    cancel: CancelToken | None,
+) -> dict:
+    """Measure the model and a few pruned variants side by side; least-squares the overhead."""
+    from studio.core.prune import prune
+
+    cost = predictor.cost
+    rng = np.random.default_rng(0)
+    vectors = [np.full(len(cost.names), r) for r in FIT_RATIOS]
+    vectors += [rng.uniform(0.0, 0.7, len(cost.names)) for _ in range(FIT_RANDOM)]
+    variants = []
+    for i, r in enumerate(vectors):
+        check(cancel)
+        report(progress, 0.5 * i / len(vectors), "pruning variants for the fit")
+        if not r.any():
+            variants.append(model)
+            continue
+        plan = PruningPlan("structured", "l1", dict(zip(cost.names, r.tolist())))
+        plan = PruningPlan("structured", "l1", plan.with_ratios({}).ratios, recalibrate_bn=False)
+        variants.append(prune(model, plan).model)
+    report(progress, 0.5, "measuring the model and its variants")
+    measured = np.array(
+        measure_side_by_side(
+            variants, predictor.runtime, predictor.batch, predictor.threads, cancel
+        )
+    )
+    rows = []
+    for r in vectors:
+        t, a, plain = predictor._features(r)
+        rows.append([t[~plain].sum(), t[plain].sum(), a.sum() * 1e-6, plain.sum(), 1.0])
+    features = np.array(rows)
+    coef = _least_squares(features, measured)
+    error = float(np.max(np.abs(features @ coef / measured - 1.0)))
+    report(progress, 1.0, "fitted")
+    return {"coef": coef.tolist(), "error": error, "measured_ms": float(measured[0])}
+
+
+def _least_squares(features: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Relative least squares with every coefficient >= 0: the best of the column subsets
+    whose unconstrained solution is non-negative (the table scales always kept)."""
+    import itertools
+
+    w = 1.0 / measured
+    n = features.shape[1]
+    best, best_err = None, float("inf")
+    for size in range(n, 0, -1):
+        for cols in itertools.combinations(range(n), size):
+            sub = features[:, cols] * w[:, None]
+            if not sub.any(axis=0).all():
+                continue
+            sol, *_ = np.linalg.lstsq(sub, np.ones_like(measured), rcond=None)
+            if (sol < 0).any():
+                continue
+            coef = np.zeros(n)
+            coef[list(cols)] = sol
+            err = float(np.sum((features @ coef * w - 1.0) ** 2))
+            if err < best_err - 1e-12:
+                best, best_err = coef, err
+    if best is None:
+        return np.array([1.0, 1.0] + [0.0] * (n - 2))
+    # a table whose regime no variant reached keeps the other's scale
+    if best[1] == 0 and not features[:, 1].any():
+        best[1] = best[0]
+    if best[0] == 0 and not features[:, 0].any():
+        best[0] = best[1]
+    return best
+
+
+def measure_side_by_side(
+    models: list[LoadedModel],
+    runtime: str,
+    batch: int,
+    threads: int | None = None,
+    cancel: CancelToken | None = None,
+    budget_s: float = 2.0,
+) -> list[float]:
+    """Median latency in ms of each model, timed in alternating blocks so that all see the
+    same machine load (ONNX Runtime: :func:`studio.core.export_onnx.latencies_ms`)."""
+    import statistics
+    import time
+
+    from studio.core import export_onnx
+    from studio.core.latency import onnx_session
+
+    threads = threads or default_threads()
+    with torch_threads(threads):
+        if runtime == "onnxruntime":
+            sessions = [onnx_session(m, threads) for m in models]
+            check(cancel)
+            return export_onnx.latencies_ms(
+                sessions, models[0].example_input(batch).numpy(), budget_s
+            )
+        x = models[0].example_input(batch)
+        times: list[list[float]] = [[] for _ in models]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for m in models:
+                m.module(x)
+            while len(times[0]) < 20 or time.perf_counter() - start < budget_s:
+                check(cancel)
+                for m, bucket in zip(models, times):
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        m.module(x)
+                        bucket.append((time.perf_counter() - t0) * 1e3)
+        return [statistics.median(b) for b in times]
