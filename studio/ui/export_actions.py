@@ -98,6 +98,7 @@ def session_report(session: Session, export: Any = None, quantized: Any = None) 
         ]
         if session.evaluation is not None:
             data.quality = [("Original", session.evaluation)]
+    if pruned is None:
         data.notes.append("Nothing has been pruned yet.")
     if tuned is not None:
         data.history = list(tuned.history)

@@ -42,6 +42,7 @@ RENDER_TIMEOUT_MS = 30_000
 
 _webengine: Any = None  # the QtWebEngine modules, once imported; False where missing
 _profile: Any = None
+_interceptor: Any = None
 blocked_urls: list[str] = []  # requests the interceptor refused, this process
 allowed_ports: set[int] = set()
 
@@ -79,8 +80,10 @@ def _shared_profile() -> Any:
                     blocked_urls.append(url.toString())
                     info.block(True)
 
+        global _interceptor
         _profile = core.QWebEngineProfile(QApplication.instance())
-        _profile.setUrlRequestInterceptor(LocalOnly(_profile))
+        _interceptor = LocalOnly(_profile)  # the profile does not keep it alive
+        _profile.setUrlRequestInterceptor(_interceptor)
     return _profile
 
 

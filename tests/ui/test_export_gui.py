@@ -1,0 +1,88 @@
+"""File ▸ Export…, the Netron graphs dialog and the report from the GUI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from studio.core.models import EAGER, LoadedModel
+from studio.ui import export_actions, netron_view
+
+
+def tiny_model() -> LoadedModel:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3)
+    )
+    return LoadedModel(module.eval(), "tiny", "tiny", EAGER, (1, 3, 8, 8))
+
+
+def test_export_dialog_exports_and_shows_the_check(window, qtbot, tmp_path: Path) -> None:
+    window.session.set_model(tiny_model())
+    dialog = export_actions.open_export_dialog(window)
+    qtbot.waitUntil(lambda: not window.runner.is_busy(), timeout=30_000)
+    assert dialog.chosen_model() is window.session.model and dialog.chosen_format() == "onnx"
+    dialog.path.setText(str(tmp_path / "tiny.onnx"))
+    with qtbot.waitSignal(dialog.exported, timeout=60_000):
+        dialog.start_export()
+    result = dialog.last_result
+    assert result.path.is_file() and result.params == result.params_model
+    shown = dialog.result_view.toPlainText()
+    assert f"{result.params:,} in the file" in shown and "Largest output difference" in shown
+    dialog.format_combo.setCurrentIndex(dialog.format_combo.findData("torchscript"))
+    assert dialog.path.text().endswith(".pt") and not dialog.int8.isEnabled()
+    # the report picks the export up; PDF through Qt
+    pdf = export_actions.export_report(window, tmp_path / "report.pdf")
+    assert pdf.read_bytes().startswith(b"%PDF")
+    html = export_actions.export_report(window, tmp_path / "report.html").read_text()
+    assert "Nothing has been pruned yet" in html and f"{result.ort_ms_exported:.3f}" in html
+
+
+def test_export_dialog_refuses_the_input_file(window, tmp_path: Path) -> None:
+    model = tiny_model()
+    source = tmp_path / "tiny.onnx"
+    source.write_bytes(b"x")
+    model.path = source
+    window.session.set_model(model)
+    dialog = export_actions.open_export_dialog(window)
+    dialog.path.setText(str(source))
+    assert dialog.start_export() is None
+    assert "opened from" in dialog.message.text()
+    assert source.read_bytes() == b"x"
+
+
+@pytest.mark.skipif(not netron_view.webengine_available(), reason="QtWebEngine not installed")
+def test_graphs_dialog_shows_netron_locally_and_stops(window, qtbot) -> None:
+    window.session.set_model(tiny_model())
+    netron_view.blocked_urls.clear()
+    dialog = export_actions.open_graphs(window)
+    with qtbot.waitSignal(dialog.ready, timeout=60_000):
+        pass
+    server = dialog.left.server
+    assert server is not None and server.address[0] == "127.0.0.1" and server.running
+    assert dialog.left.view is not None
+    assert netron_view.blocked_urls == []  # netron asked for nothing outside 127.0.0.1
+    # anything else, analytics included, is blocked
+    dialog.right.view.load(netron_view.QUrl("https://analytics.google.com/g/collect?v=2"))
+    qtbot.waitUntil(lambda: bool(netron_view.blocked_urls), timeout=20_000)
+    assert netron_view.blocked_urls[0].startswith("https://analytics.google.com/")
+    dialog.close()
+    assert not server.running and not dialog.folder.exists()
+
+
+def test_graphs_fall_back_to_the_browser(window, qtbot, monkeypatch) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr(netron_view, "_webengine", False)
+    monkeypatch.setattr(
+        netron_view.QDesktopServices, "openUrl", lambda url: opened.append(url.toString())
+    )
+    window.session.set_model(tiny_model())
+    dialog = export_actions.open_graphs(window)
+    with qtbot.waitSignal(dialog.ready, timeout=60_000):
+        pass
+    assert opened and opened[0].startswith("http://127.0.0.1:")
+    assert "web browser" in dialog.message.text()
+    dialog.close()
+    assert dialog.left.server is None
