@@ -25,6 +25,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from studio.core.drops import DropCurves, drop_curves, load_scan, predicted_drop
 from studio.core.errors import StudioError
 from studio.core.plan import PruningPlan
 from studio.core.sensitivity_types import ScanReport
+
+if TYPE_CHECKING:
+    from studio.core.latency_predict import LatencyPredictor
 
 __all__ = [
     "CostModel",
@@ -51,7 +55,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("uniform", "global", "sensitivity")
-TARGET_KINDS = ("params", "macs")
+TARGET_KINDS = ("params", "macs", "latency")  # latency: by a LatencyPredictor
 TOLERANCE = 0.02  # the achieved fraction lands within this of the target (of the original)
 NM_RATIO = 0.5  # N:M plans are 2:4: a target is either dense or 2 of every 4 zeroed
 BLOCK_EVAL_SAMPLES = 512
@@ -69,13 +73,15 @@ def allocate(
     report: ScanReport | None = None,
     module: nn.Module | None = None,
     data: DataSet | None = None,
+    predictor: LatencyPredictor | None = None,
 ) -> PruningPlan:
-    """A copy of ``plan`` whose free ratios bring ``target_kind`` ('params' or 'macs') to
-    ``target_fraction`` of the original (0.5 = keep half), chosen by ``strategy``."""
+    """A copy of ``plan`` whose free ratios bring ``target_kind`` ('params', 'macs', or
+    'latency' as ``predictor`` predicts it) to ``target_fraction`` of the original (0.5 =
+    keep half), chosen by ``strategy``."""
     if strategy not in STRATEGIES:
         raise StudioError(f"unknown allocation {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if target_kind not in TARGET_KINDS:
-        raise StudioError(f"unknown target {target_kind!r}: choose params or macs")
+        raise StudioError(f"unknown target {target_kind!r}: choose params, macs or latency")
     if not isinstance(target_fraction, int | float) or not 0.0 < target_fraction <= 1.0:
         raise StudioError(
             f"the {target_kind} target is the fraction to keep, in (0, 1], not {target_fraction!r}"
@@ -105,7 +111,8 @@ def allocate(
     def fraction(r: np.ndarray) -> float:
         return cost.predict_vector(r)[index] / max(1, before)
 
-    ratios = _solve(family, top, fraction, target_fraction, target_kind, strategy)
+    measure = _latency_fraction(cost, predictor) if target_kind == "latency" else fraction
+    ratios = _solve(family, top, measure, target_fraction, target_kind, strategy)
     snapped = _snap(cost, ratios)
     if strategy == "uniform" and cost.method == "structured" and plan.round_to == 1:
         snapped = ratios  # already 6-decimal steps
@@ -117,7 +124,35 @@ def allocate(
     target = {"kind": target_kind, "fraction": target_fraction, "allocate": strategy}
     if note:
         target["note"] = note
+    if target_kind == "latency" and predictor is not None:
+        target["predicted_ms"] = round(predictor.predict_ms(snapped), 4)
+        target.update(runtime=predictor.runtime, batch=predictor.batch, threads=predictor.threads)
     return replace(plan.with_ratios(chosen), target=target)
+
+
+def _latency_fraction(
+    cost: CostModel, predictor: LatencyPredictor | None
+) -> Callable[[np.ndarray], float]:
+    """Predicted latency as a fraction of the unpruned model's, for ratios in cost order."""
+    if predictor is None:
+        raise StudioError("a latency target needs a latency predictor for the model")
+    if cost.method != "structured":
+        raise StudioError(
+            f"a latency target needs structured pruning: {cost.method} zeros do not make a "
+            "dense runtime faster"
+        )
+    order = {n: i for i, n in enumerate(predictor.cost.names)}
+    if set(order) != set(cost.names):
+        raise StudioError("the latency predictor was built for another model")
+    index = np.array([order[n] for n in cost.names])
+    original = predictor.original_ms or 1.0
+
+    def fraction(r: np.ndarray) -> float:
+        mapped = np.zeros(len(index))
+        mapped[index] = r
+        return predictor.predict_ms(mapped) / original
+
+    return fraction
 
 
 def _family(base: np.ndarray, free: np.ndarray, ratios: Family, top: float) -> Family:
