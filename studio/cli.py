@@ -1,6 +1,7 @@
-"""Headless command line: ``studio info | eval | scan | prune | finetune | export | gui``. Uses
-studio.core only (the gui is imported lazily; ``prune`` lives in :mod:`studio.cli_prune`,
-``finetune`` in :mod:`studio.cli_finetune`, ``export`` in :mod:`studio.cli_export`)."""
+"""Headless command line: ``studio info | eval | scan | prune | finetune | export | latency |
+gui``. Uses studio.core only (the gui is imported lazily; ``prune`` lives in
+:mod:`studio.cli_prune`, ``finetune`` in :mod:`studio.cli_finetune`, ``export`` in
+:mod:`studio.cli_export`, ``latency`` in :mod:`studio.cli_latency`)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.cli_export import add_export_parser
 
     add_export_parser(sub)
+    from studio.cli_latency import add_latency_parser
+
+    add_latency_parser(sub)
     from studio.cli_report import add_report_parser
     from studio.cli_view import add_view_parser
 
@@ -339,6 +343,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_latency(args: argparse.Namespace) -> int:
+    from studio.cli_latency import cmd_latency as run
+
+    return run(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from studio.cli_report import cmd_report as run
 
@@ -358,6 +368,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "finetune": cmd_finetune,
     "export": cmd_export,
+    "latency": cmd_latency,
     "report": cmd_report,
     "view": cmd_view,
     "gui": cmd_gui,

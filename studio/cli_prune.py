@@ -33,6 +33,15 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--ratio", type=float, metavar="R", help="the same ratio on every target")
     how.add_argument("--target-params", type=float, metavar="F", help="keep this fraction")
     how.add_argument("--target-macs", type=float, metavar="F", help="keep this fraction")
+    how.add_argument(
+        "--target-latency",
+        metavar="F|MSms",
+        help="predicted latency to reach: a fraction of the unpruned model's (0.6) or "
+        "milliseconds (2.5ms); structured; see --runtime, --batch, --threads",
+    )
+    pr.add_argument("--runtime", choices=("onnxruntime", "torch"), help="for --target-latency")
+    pr.add_argument("--batch", type=int, default=1, help="batch size for --target-latency")
+    pr.add_argument("--threads", type=int, help="threads for --target-latency (default: all)")
     pr.add_argument("--allocate", choices=STRATEGIES, help="for a target (default: uniform)")
     pr.add_argument("--scan", metavar="FILE.json", help="a scan (studio scan --out) to allocate by")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
@@ -62,11 +71,16 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse contradictory or incomplete arguments before loading anything."""
-    targets = [f for f in ("ratio", "target_params", "target_macs") if getattr(args, f) is not None]
+    targets = [
+        f
+        for f in ("ratio", "target_params", "target_macs", "target_latency")
+        if getattr(args, f) is not None
+    ]
     if args.recipe:
         extra = [
             f"--{f.replace('_', '-')}"
             for f in ("method", "criterion", "ratio", "target_params", "target_macs", "allocate")
+            + ("target_latency",)
             + ("scan",)
             if getattr(args, f) is not None
         ]
@@ -78,7 +92,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise StudioError(f"--recipe replays a saved plan: leave out {', '.join(extra)}")
     elif not targets:
         raise StudioError(
-            "say how much to prune: --recipe FILE, --ratio R, --target-params F or --target-macs F"
+            "say how much to prune: --recipe FILE, --ratio R, --target-params F, --target-macs F "
+            "or --target-latency F"
         )
     if args.ratio is not None and (args.allocate or args.scan):
         raise StudioError("--allocate and --scan go with --target-params or --target-macs")
@@ -121,6 +136,12 @@ def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
     fraction = args.target_params if kind == "params" else args.target_macs
     report = load_scan(args.scan) if args.scan else None
     cost = CostModel.build(model, method)
+    predictor = None
+    if args.target_latency is not None:
+        from studio.cli_latency import latency_target
+
+        kind = "latency"
+        predictor, fraction = latency_target(args, model, cost)
     return allocate(
         cost,
         base,
@@ -130,6 +151,7 @@ def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
         report=report,
         module=model.module,
         data=data,
+        predictor=predictor,
     )
 
 
