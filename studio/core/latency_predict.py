@@ -40,6 +40,7 @@ FIT_VERSION = 3  # the form of the per-model fit (coefficients) cached
 GRID = 4  # channel counts measured per dimension (ends included)
 FIT_RATIOS = (0.0, 0.25, 0.5)  # uniform variants measured for the fit, plus FIT_RANDOM plans
 FIT_RANDOM = 6
+FIT_BUDGET_S = 2.0  # seconds of side-by-side timing for the fit
 BLOCK = NCHWC_BLOCK
 
 
@@ -419,7 +420,7 @@ def _fit(
     report(progress, 0.5, "measuring the model and its variants")
     measured = np.array(
         measure_side_by_side(
-            variants, predictor.runtime, predictor.batch, predictor.threads, cancel
+            variants, predictor.runtime, predictor.batch, predictor.threads, cancel, FIT_BUDGET_S
         )
     )
     rows = []
