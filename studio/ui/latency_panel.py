@@ -129,7 +129,7 @@ class LatencyPanel(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self.cancel)
         self.x_axis = QComboBox()
-        self.x_axis.addItems(["latency", "MACs"])
+        self.x_axis.addItems(["quality vs latency", "quality vs MACs"])
         self.x_axis.setToolTip("What the quality chart plots against")
         self.x_axis.currentIndexChanged.connect(self.redraw)
         self.saving = charts.SaveButtons(
@@ -147,17 +147,20 @@ class LatencyPanel(QWidget):
             ("Device", self.device),
             ("Batch", self.batch),
             ("Threads", self.threads),
-            ("Budget", self.budget),
         ):
             row.addWidget(QLabel(label))
             row.addWidget(widget)
-        for widget in (self.measure_button, self.profile_button, self.cancel_button):
-            row.addWidget(widget)
         row.addStretch(1)
-        row.addWidget(QLabel("Plot against"))
-        row.addWidget(self.x_axis)
-        row.addWidget(self.saving.png)
-        row.addWidget(self.saving.csv)
+        actions = QHBoxLayout()
+        for widget in (self.budget, self.measure_button, self.profile_button, self.cancel_button):
+            actions.addWidget(widget)
+        actions.addStretch(1)
+        chart_bar = QHBoxLayout()
+        chart_bar.setContentsMargins(0, 0, 0, 0)
+        chart_bar.addStretch(1)
+        chart_bar.addWidget(self.x_axis)
+        chart_bar.addWidget(self.saving.png)
+        chart_bar.addWidget(self.saving.csv)
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.table = QTableWidget(0, len(COLUMNS))
@@ -176,9 +179,14 @@ class LatencyPanel(QWidget):
         charts_row.addWidget(self.bars)
         charts_row.addWidget(self.pareto)
         self.charts = charts_row
+        lower = QWidget()
+        lower_layout = QVBoxLayout(lower)
+        lower_layout.setContentsMargins(0, 0, 0, 0)
+        lower_layout.addLayout(chart_bar)
+        lower_layout.addWidget(charts_row, 1)
         body = QSplitter(Qt.Orientation.Vertical)
         body.addWidget(self.table)
-        body.addWidget(charts_row)
+        body.addWidget(lower)
         body.setStretchFactor(1, 2)
         for combo in (self.runtime, self.device):
             combo.currentIndexChanged.connect(self.refresh)
@@ -186,6 +194,7 @@ class LatencyPanel(QWidget):
             spin.valueChanged.connect(self.refresh)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
+        layout.addLayout(actions)
         layout.addWidget(self.status)
         layout.addWidget(body, 1)
 
@@ -454,7 +463,7 @@ class LatencyPanel(QWidget):
             self.bars.setTitle(f"Per-layer time of {variant.name} (measured, slowest first)")  # type: ignore[union-attr]
         else:
             self.bars.setTitle("Per-layer time: select a variant, then Per-layer profile")
-        by_latency = self.x_axis.currentText() == "latency"
+        by_latency = self.x_axis.currentIndex() == 0
         points = [
             (v.name, v.measured[key].median_ms if by_latency else v.macs, v.quality)
             for v in self.variants

@@ -133,7 +133,6 @@ class PlannerPanel(QWidget):
             (target_row, "Target", self.kind),
             (target_row, "", self.keep),
             (target_row, "by", self.strategy),
-            (target_row, "channels", self.round_to),
         ):
             if label:
                 row.addWidget(QLabel(label))
@@ -147,8 +146,12 @@ class PlannerPanel(QWidget):
         self.redo_button.setShortcut(QKeySequence.StandardKey.Redo)
         self.clear_button = self._button("Clear", self.clear, plan_row)
         self.clear_button.setToolTip("Set every ratio to 0")
+        options_row = QHBoxLayout()
+        options_row.addWidget(self.recalibrate)
+        options_row.addWidget(QLabel("Channels"))
+        options_row.addWidget(self.round_to)
+        options_row.addStretch(1)
         actions = QHBoxLayout()
-        actions.addWidget(self.recalibrate)
         actions.addStretch(1)
         self.load_button = self._button("Load recipe…", self._ask_load_recipe, actions)
         self.save_button = self._button("Save recipe…", self._ask_save_recipe, actions)
@@ -169,6 +172,7 @@ class PlannerPanel(QWidget):
         top = QVBoxLayout()
         top.addLayout(plan_row)
         top.addLayout(target_row)
+        top.addLayout(options_row)
 
         self.table = PlannerTable(self.state)
         layout = QVBoxLayout(self)

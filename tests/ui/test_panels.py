@@ -75,6 +75,6 @@ def test_tabs_and_view_menu(qtbot) -> None:
     next(a for a in view.actions() if a.text() == "&Sensitivity").trigger()
     assert window.tabs.currentWidget() is window.sensitivity
     with pytest.raises(ValueError, match="no tab named"):
-        window.show_tab("latency")
+        window.show_tab("nowhere")
     assert not window.sensitivity.start_button.isEnabled()  # nothing loaded yet
     window.close()
