@@ -51,7 +51,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         return _list_devices(args.json)
     if not args.model:
         raise StudioError("give --model SPEC (or --list-devices)")
-    if args.recipe and not (args.predict or args.device):
+    if args.recipe:  # the plan's latency is measured on the pruned model: predict it beside
         args.predict = True
     device = "cuda" if args.cuda else "cpu"
     profile = _device(args.device) if args.device else None

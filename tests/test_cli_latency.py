@@ -1,0 +1,96 @@
+"""``studio latency`` and ``studio prune --target-latency``: JSON keys, labels, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from studio.cli import main
+from studio.core import latency_predict
+
+SMALL = ("--model", "zoo:resnet20", "--input-shape", "1,1,8,8")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(latency_predict, "FIT_BUDGET_S", 0.1)
+    monkeypatch.setattr(latency_predict, "FIT_RANDOM", 1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_latency_json_measured_and_device(capsys):
+    code, out, _ = run(
+        capsys, "latency", "--model", "demo", "--threads", "1", "--budget", "0.3",
+        "--device", "rpi4-cortex-a72", "--json",
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    for key in ("runtime", "batch", "threads", "median_ms", "p10_ms", "p90_ms", "throughput"):
+        assert key in data
+    assert data["label"] == "measured" and data["runtime"] == "onnxruntime"
+    assert data["layers"] and {"name", "ms"} <= set(data["layers"][0])
+    assert "layers.0.conv1" in {layer["name"] for layer in data["layers"]}
+    assert data["device"] == "rpi4-cortex-a72" and data["estimated_label"] == "estimated"
+    assert data["estimated_ms"] > 0 and data["energy_mj"] > 0
+    assert {row["bound"] for row in data["device_layers"]} <= {"compute", "memory"}
+
+
+def test_latency_predict_text(capsys):
+    code, out, _ = run(
+        capsys, "latency", *SMALL, "--threads", "1", "--budget", "0.2", "--predict", "--per-layer",
+    )  # fmt: skip
+    assert code == 0
+    assert "measured   median" in out and "estimated " in out and "per layer (measured" in out
+
+
+def test_latency_predict_recipe_json(capsys, tmp_path):
+    recipe = tmp_path / "plan.yaml"
+    code, _, _ = run(
+        capsys, "prune", *SMALL, "--target-latency", "0.8", "--threads", "1",
+        "--out", str(tmp_path / "p.pt"), "--recipe-out", str(recipe), "--json",
+    )  # fmt: skip
+    assert code == 0
+    target = yaml.safe_load(recipe.read_text())["target"]
+    assert target["kind"] == "latency" and target["fraction"] == 0.8
+    assert target["runtime"] == "onnxruntime" and target["predicted_ms"] > 0
+    # zoo models load with fresh random weights: let the recipe apply to any of them
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump(dict(data, model_fingerprint="")))
+    code, out, _ = run(
+        capsys, "latency", *SMALL, "--threads", "1", "--budget", "0.2", "--recipe", str(recipe),
+        "--device", "sparse-accelerator", "--json",
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert data["predicted_ms"] > 0 and data["predicted_label"] == "estimated"
+    assert "prediction_error" in data and data["estimated_ms"] > 0
+
+
+def test_latency_errors_are_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "latency", "--model", "demo", "--device", "no-such-device")
+    assert code == 1 and err.count("\n") == 1 and "no device profile" in err
+    bad = tmp_path / "dev.yaml"
+    bad.write_text("name: x\n")
+    code, _, err = run(capsys, "latency", "--model", "demo", "--device", str(bad))
+    assert code == 1 and err.count("\n") == 1 and "dev.yaml" in err
+    code, _, err = run(capsys, *("prune", *SMALL, "--target-latency", "fast", "--out", "x.pt"))
+    assert code == 1 and "--target-latency" in err
+
+
+def test_list_devices_json(capsys):
+    code, out, _ = run(capsys, "latency", "--list-devices", "--json")
+    assert code == 0
+    names = {p["name"] for p in json.loads(out)}
+    assert {"rpi4-cortex-a72", "jetson-orin-nano", "a100", "coral-edge-tpu"} <= names
