@@ -36,10 +36,12 @@ from studio.core.paths import cache_dir
 from studio.core.plan import PruningPlan
 
 CACHE_VERSION = 1
-FIT_VERSION = 3  # the form of the per-model fit (coefficients) cached
+FIT_VERSION = 5  # the form of the per-model fit (coefficients) cached
 GRID = 4  # channel counts measured per dimension (ends included)
 FIT_RATIOS = (0.0, 0.25, 0.5)  # uniform variants measured for the fit, plus FIT_RANDOM plans
 FIT_RANDOM = 6
+FIT_TERMS = 4  # at most this many of the fit's 5 terms (9 measured variants)
+FLOOR = 0.2  # a prediction is at least this fraction of the scaled table times
 FIT_BUDGET_S = 2.0  # seconds of side-by-side timing for the fit
 BLOCK = NCHWC_BLOCK
 
@@ -106,25 +108,32 @@ def _write_cache(path: Path, table: dict[str, float], fits: dict[str, dict]) -> 
 
 
 def regime(op: str, c_in: float, c_out: float) -> str:
-    """Which kernel ONNX Runtime's CPU provider runs (its NCHWc transformer's rules):
-    ``c`` NCHWc blocks (output channels padded to 8), ``d`` NCHWc output from a plain input
-    of fewer than 8 channels, ``n`` plain NCHW (input channels not a multiple of 8; depthwise:
-    output channels), ``l`` a linear layer."""
+    """Which kernel ONNX Runtime's CPU provider runs (its NCHWc transformer's rules, and the
+    4-wide vectors of its plain kernels): ``c`` NCHWc blocks (output channels padded to 8),
+    ``d`` NCHWc output from a plain input of fewer than 8 channels, ``q`` plain NCHW with
+    input channels (depthwise: output channels) a multiple of 4, ``n`` plain NCHW otherwise,
+    ``l`` a linear layer."""
     if op == "linear":
         return "l"
-    if op == "dwconv":
-        return "c" if c_out % BLOCK == 0 else "n"
-    if c_in < BLOCK:
+    channels = c_out if op == "dwconv" else c_in
+    if op == "conv" and c_in < BLOCK:
         return "d"
-    return "c" if c_in % BLOCK == 0 else "n"
+    if channels % BLOCK == 0:
+        return "c"
+    return "q" if channels % 4 == 0 else "n"
 
 
 def _spread(lo: float, hi: float, count: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(lo, hi, max(1, min(count, int(hi - lo) + 1)))))
 
 
-def _unaligned(values: np.ndarray) -> np.ndarray:
-    return np.unique(np.where(values % BLOCK == 0, values - 1, values))
+def _plain(top: int, kind: str) -> np.ndarray:
+    """Channel counts of regime ``n`` (not a multiple of 4) or ``q`` (4 mod 8) up to ``top``."""
+    if kind == "q":
+        ks = _spread(1, max(1, (top - 4) // BLOCK), GRID)
+        return ks * BLOCK + 4
+    values = _spread(BLOCK + 1, max(BLOCK + 1, top - 1), GRID + 1)
+    return np.unique(np.where(values % 4 == 0, values - 1, values))
 
 
 def _grids(op: str, c_in: int, c_out: int, fixed_in: bool, fixed_out: bool) -> dict:
@@ -133,17 +142,24 @@ def _grids(op: str, c_in: int, c_out: int, fixed_in: bool, fixed_out: bool) -> d
     def outs(kind: str) -> np.ndarray:
         if fixed_out:
             return np.array([float(c_out)])
-        if kind == "n":
-            values = _spread(1, c_out, GRID)
-            return _unaligned(values) if op == "dwconv" else values
+        if kind in ("n", "q"):
+            return _spread(1, c_out, GRID)
         return _spread(1, np.ceil(c_out / BLOCK), GRID) * BLOCK
 
     if op == "linear":
         ins = np.array([float(c_in)]) if fixed_in else _spread(1, c_in, GRID)
         return {"l": (ins, outs("l"))}
+    zero = np.array([0.0])
     if op == "dwconv":
-        kinds = {regime(op, c_in, c_out)} if fixed_out else {"c", "n"}
-        return {k: (np.array([0.0]), outs(k)) for k in kinds}
+        if fixed_out:
+            return {regime(op, c_in, c_out): (zero, np.array([float(c_out)]))}
+        grids = {"c": (zero, _spread(1, np.ceil(c_out / BLOCK), GRID) * BLOCK)}
+        if c_out > BLOCK + 1:
+            grids["n"] = (zero, _plain(c_out, "n"))
+        if c_out > BLOCK + 4:
+            grids["q"] = (zero, _plain(c_out, "q"))
+        grids["q"] = grids.get("q", (zero, np.array([4.0])))
+        return grids
     if fixed_in:
         kind = regime(op, c_in, c_out)
         return {kind: (np.array([float(c_in)]), outs(kind))}
@@ -151,7 +167,9 @@ def _grids(op: str, c_in: int, c_out: int, fixed_in: bool, fixed_out: bool) -> d
     if c_in >= BLOCK:
         grids["c"] = (_spread(1, c_in // BLOCK, GRID) * BLOCK, outs("c"))
     if c_in > BLOCK + 1:
-        grids["n"] = (_unaligned(_spread(BLOCK + 1, c_in, GRID)), outs("n"))
+        grids["n"] = (_plain(c_in, "n"), outs("n"))
+    if c_in > BLOCK + 4:
+        grids["q"] = (_plain(c_in, "q"), outs("q"))
     return grids
 
 
@@ -254,10 +272,10 @@ class LatencyPredictor:
             c_in = ins[layer.in_row] if layer.in_row >= 0 else layer.c_in
             kind = regime(layer.cfg.op, c_in, c_out) if self.runtime == "onnxruntime" else "t"
             xs, ys, table = layer.grids.get(kind) or next(iter(layer.grids.values()))
-            y = c_out if kind in ("n", "l") else -(-c_out // BLOCK) * BLOCK
+            y = c_out if kind in ("n", "q", "l", "t") else -(-c_out // BLOCK) * BLOCK
             times[i] = _bilinear(xs, ys, table, 0.0 if layer.cfg.op == "dwconv" else c_in, y)
             acts[i] = y * layer.elems
-            plain[i] = kind == "n"
+            plain[i] = kind in ("n", "q")
         return times, acts, plain
 
     def _per_layer(self, r: np.ndarray) -> np.ndarray:
@@ -267,7 +285,8 @@ class LatencyPredictor:
 
     def predict_ms(self, r: np.ndarray) -> float:
         """Total predicted ms for ratios in the cost model's target order (allocator use)."""
-        return float(self._per_layer(r).sum() + self.coef[4])
+        layers = float(self._per_layer(r).sum())
+        return max(layers + float(self.coef[4]), FLOOR * layers)
 
     def predict(self, plan: PruningPlan | Mapping[str, float]) -> PredictedLatency:
         """Predicted latency of ``plan`` (a plan, or structured ratios by target name)."""
@@ -293,6 +312,7 @@ class LatencyPredictor:
         return self._result(np.where(keep, per_layer, 0.0), float(self.coef[4]), note)
 
     def _result(self, per_layer: np.ndarray, overhead: float, note: str) -> PredictedLatency:
+        overhead = max(overhead, (FLOOR - 1.0) * float(per_layer.sum()))
         total = float(per_layer.sum()) + overhead
         denom = float(per_layer.sum()) or 1.0
         rows = sorted(
@@ -435,23 +455,24 @@ def _fit(
 
 
 def _least_squares(features: np.ndarray, measured: np.ndarray) -> np.ndarray:
-    """Relative least squares with every coefficient >= 0: the best of the column subsets
-    whose unconstrained solution is non-negative (the table scales always kept)."""
+    """Relative least squares over column subsets of at most :data:`FIT_TERMS` terms, the
+    scales and per-layer terms >= 0; the constant may be negative (the micro-benchmarks' kernel
+    times carry the profiler's own cost per node, which a real run does not pay)."""
     import itertools
 
     w = 1.0 / measured
     n = features.shape[1]
     best, best_err = None, float("inf")
-    for size in range(n, 0, -1):
+    for size in range(min(n, FIT_TERMS), 0, -1):
         for cols in itertools.combinations(range(n), size):
             sub = features[:, cols] * w[:, None]
-            if not sub.any(axis=0).all():
+            if not sub.any(axis=0).all() or not {0, 1} & set(cols):
                 continue
             sol, *_ = np.linalg.lstsq(sub, np.ones_like(measured), rcond=None)
-            if (sol < 0).any():
-                continue
             coef = np.zeros(n)
             coef[list(cols)] = sol
+            if (coef[: n - 1] < 0).any():
+                continue
             err = float(np.sum((features @ coef * w - 1.0) ** 2))
             if err < best_err - 1e-12:
                 best, best_err = coef, err
