@@ -32,6 +32,7 @@ from studio.core.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
 from studio.core.prune import prune
 from studio.ui import format as fmt
 from studio.ui import scan_text
+from studio.ui.planner_latency import PlannerLatency
 from studio.ui.planner_state import PlannerState
 from studio.ui.planner_table import PlannerTable
 from studio.ui.runner import Job, JobRunner
@@ -41,7 +42,7 @@ from studio.ui.session import DETAIL, ERROR, WARNING, Session
 SUMMARY_MS = 80
 STRATEGIES = ("sensitivity", "global", "uniform")
 ROUNDING = {"exact": 1, "×4": 4, "×8": 8, "×16": 16}
-TARGET_KINDS = {"MACs": "macs", "parameters": "params"}
+TARGET_KINDS = {"MACs": "macs", "parameters": "params", "latency (estimated)": "latency"}
 RECIPE_FILTER = "Recipes (*.yaml *.yml *.json)"
 
 
@@ -55,6 +56,9 @@ class PlannerPanel(QWidget):
         self.session = session
         self.runner = runner
         self.state = PlannerState(self)
+        self.latency = PlannerLatency(session, runner, self)
+        self.latency.ready.connect(self._on_latency_ready)
+        self.latency.failed.connect(self._on_latency_failed)
         self.jobs: dict[str, Job] = {}
         self._pending_plan = PruningPlan()
         self._pending_recipe: tuple[PruningPlan, str] | None = None
@@ -150,6 +154,13 @@ class PlannerPanel(QWidget):
         options_row.addWidget(self.recalibrate)
         options_row.addWidget(QLabel("Channels"))
         options_row.addWidget(self.round_to)
+        self.latency_button = QPushButton("Estimate latency")
+        self.latency_button.setToolTip(
+            "Predict the plan's ONNX Runtime latency on this machine on every change, from a\n"
+            "lookup table of micro-benchmarks (run once per machine, then cached)"
+        )
+        self.latency_button.clicked.connect(lambda: self.latency.build(self.state.cost))
+        options_row.addWidget(self.latency_button)
         options_row.addStretch(1)
         actions = QHBoxLayout()
         actions.addStretch(1)
@@ -248,12 +259,21 @@ class PlannerPanel(QWidget):
                 "uniform",
             )
             return None
+        if kind == "latency" and self.latency.predictor is None:
+            if self.state.plan.method != "structured":
+                self._fail("Cannot allocate", "a latency target needs structured pruning")
+                return None
+            self.allocate_button.setEnabled(False)
+            return self.latency.build(cost, then=self.allocate)  # allocates once it is ready
         plan, data = self.state.plan, self.session.data
         module = model.replica().module  # importances may trace the module
+        predictor = self.latency.predictor
 
         def work(progress: ProgressFn, cancel: CancelToken) -> PruningPlan:
             progress(0.0, f"{strategy} allocation")
-            return allocate(cost, plan, strategy, kind, fraction, report, module, data)
+            return allocate(
+                cost, plan, strategy, kind, fraction, report, module, data, predictor=predictor
+            )
 
         self.jobs["allocate"] = self.runner.start("Allocating", work)
         self.allocate_button.setEnabled(False)
@@ -376,7 +396,19 @@ class PlannerPanel(QWidget):
             )
         else:
             parts.append(f"<b>Predicted drop</b>: run a {self.state.plan.method} sensitivity scan")
+        latency = self.latency.text(self.state.plan)
+        if latency:
+            parts.append(latency)
         self.summary.setText("  ·  ".join(parts))
+
+    def _on_latency_ready(self) -> None:
+        self.update_summary()
+        self._update_buttons()
+
+    def _on_latency_failed(self, message: str) -> None:
+        if message:
+            self._fail("Cannot estimate latency", message)
+        self._update_buttons()
 
     def _update_buttons(self, *_args: object) -> None:
         has_targets = self.state.cost is not None
@@ -388,6 +420,9 @@ class PlannerPanel(QWidget):
         self.save_button.setEnabled(has_targets)
         self.load_button.setEnabled(has_targets)
         self.clear_button.setEnabled(bool(self.state.plan.active()))
+        self.latency_button.setEnabled(
+            has_targets and self.latency.predictor is None and not self.latency.building
+        )
 
     # --- recipes -------------------------------------------------------------------------
 

@@ -193,3 +193,54 @@ def test_nothing_to_apply_and_blocks_method(qtbot, planner: PlannerPanel) -> Non
     assert planner.table.sliders["layers.0"].maximum() == 1.0
     planner.table.sliders["layers.0"].setValue(1.0)
     assert planner.state.plan.ratio("layers.0") == 1.0
+
+
+class FakePredictor:
+    """Latency proportional to MACs: what the Planner does with a predictor, not its accuracy
+    (that is benchmarks/latency_prediction.py's job)."""
+
+    def __init__(self, cost) -> None:  # type: ignore[no-untyped-def]
+        self.cost, self.original_ms, self.threads = cost, 2.0, 2
+        self.runtime, self.batch = "onnxruntime", 1
+        self.measured_ms, self.calibrated_points = None, 0
+
+    def predict_ms(self, r) -> float:  # type: ignore[no-untyped-def]
+        return 2.0 * self.cost.predict_vector(r)[1] / self.cost.macs_before
+
+    def predict(self, plan):  # type: ignore[no-untyped-def]
+        from types import SimpleNamespace
+
+        r = self.cost.ratio_vector({n: plan.ratio(n) for n in self.cost.names})
+        return SimpleNamespace(total_ms=self.predict_ms(r))
+
+
+def test_latency_estimate_follows_the_plan_and_meets_a_latency_target(
+    qtbot, planner: PlannerPanel, monkeypatch
+) -> None:
+    from studio.core import latency_predict
+
+    built = []
+
+    def build(model, runtime, batch, threads, progress=None, cancel=None, cost=None):  # type: ignore[no-untyped-def]
+        built.append((runtime, batch, cost))
+        return FakePredictor(cost)
+
+    monkeypatch.setattr(latency_predict.LatencyPredictor, "build", staticmethod(build))
+    planner.kind.setCurrentText("latency (estimated)")
+    planner.keep.setValue(60.0)
+    planner.strategy.setCurrentText("uniform")
+    with qtbot.waitSignal(planner.state.changed, timeout=60_000):
+        assert planner.allocate() is not None  # builds the predictor, then allocates
+    qtbot.waitUntil(lambda: not planner.running("allocate"), timeout=10_000)
+    assert built and built[0][:2] == ("onnxruntime", 1) and built[0][2] is planner.state.cost
+    predictor = planner.latency.predictor
+    assert predictor is not None and not planner.latency_button.isEnabled()
+    plan = planner.state.plan
+    assert abs(predictor.predict(plan).total_ms / 2.0 - 0.6) <= 0.02
+    planner.update_summary()
+    assert (
+        "<b>Latency</b> 2.000 →" in planner.summary.text() and "estimated" in planner.summary.text()
+    )
+    planner.clear()
+    planner.update_summary()
+    assert "2.000 → 2.000 ms" in planner.summary.text()  # follows every change
