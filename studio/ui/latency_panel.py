@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyqtgraph as pg
 import torch
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
@@ -35,15 +32,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.devices import DeviceProfile, list_devices
+from studio.core.devices_estimate import DeviceEstimator
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, ProgressFn, sub_progress
 from studio.core.latency import default_threads, measure_latency, profile_layers
-from studio.core.latency_types import LatencyMeasurement, LayerTime
-from studio.core.models import LoadedModel
+from studio.core.latency_types import DeviceEstimate
 from studio.core.plan import PruningPlan
 from studio.ui import charts
 from studio.ui import format as fmt
+from studio.ui.latency_variants import Variant, log_line, quality_of, variants_csv
+from studio.ui.layer_bars import LayerBars
 from studio.ui.pareto_chart import ParetoChart
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import DETAIL, ERROR, WARNING, Session
@@ -57,25 +57,11 @@ COLUMNS = (
     "Samples/s",
     "Estimated ms",
     "Error",
+    "Device ms (est.)",
+    "Energy mJ (est.)",
+    "Memory-bound layers",
 )
 RUNTIMES = {"ONNX Runtime": "onnxruntime", "PyTorch (eager)": "torch"}
-TOP_LAYERS = 15
-BAR_BRUSH = pg.mkBrush("#1f6feb")
-
-
-@dataclass
-class Variant:
-    """One model of the session, with what is known of its cost and quality."""
-
-    name: str
-    model: LoadedModel
-    plan: PruningPlan | None
-    params: int
-    macs: int | None
-    quality: float | None  # accuracy (or agreement) as a fraction
-    measured: dict[tuple, LatencyMeasurement] = field(default_factory=dict)
-    estimated: dict[tuple, float] = field(default_factory=dict)
-    layers: dict[tuple, list[LayerTime]] = field(default_factory=dict)
 
 
 class LatencyPanel(QWidget):
@@ -91,6 +77,8 @@ class LatencyPanel(QWidget):
         self.job: Job | None = None
         self.profile_job: Job | None = None
         self._measure_after: str | None = None  # launch option: measure once this arrives
+        self._estimator: DeviceEstimator | None = None  # roofline rows of the original model
+        self.profiles: list[DeviceProfile] = []
         self._build()
         runner.partial.connect(self._on_partial)
         runner.finished.connect(self._on_finished)
@@ -132,6 +120,23 @@ class LatencyPanel(QWidget):
         self.x_axis.addItems(["quality vs latency", "quality vs MACs"])
         self.x_axis.setToolTip("What the quality chart plots against")
         self.x_axis.currentIndexChanged.connect(self.redraw)
+        self.target = QComboBox()
+        self.target.setToolTip(
+            "A target device's published figures (resources/devices, or your own YAML files in\n"
+            "the user folder): a per-layer roofline estimate of latency and energy"
+        )
+        self.target.addItem("none", None)
+        try:
+            self.profiles = list_devices()
+        except StudioError as exc:  # a bad user profile: say so, keep the bundled ones usable
+            self.profiles = []
+            self.session.log(f"Device profiles: {exc}", WARNING)
+        for profile in self.profiles:
+            self.target.addItem(profile.title, profile.name)
+        self.target.currentIndexChanged.connect(self.refresh)
+        self.source = QLabel()
+        self.source.setWordWrap(True)
+        self.source.setStyleSheet("color: #666666")
         self.saving = charts.SaveButtons(
             self,
             self.session,
@@ -151,6 +156,10 @@ class LatencyPanel(QWidget):
             row.addWidget(QLabel(label))
             row.addWidget(widget)
         row.addStretch(1)
+        device_row = QHBoxLayout()
+        device_row.addWidget(QLabel("Target device"))
+        device_row.addWidget(self.target)
+        device_row.addWidget(self.source, 1)
         actions = QHBoxLayout()
         for widget in (self.budget, self.measure_button, self.profile_button, self.cancel_button):
             actions.addWidget(widget)
@@ -170,10 +179,7 @@ class LatencyPanel(QWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.itemSelectionChanged.connect(self.redraw)
-        self.bars = pg.PlotWidget(title="Per-layer time (measured)")
-        self.bars.invertY(True)
-        self.bars.setMenuEnabled(False)
-        self.bars.setLabel("bottom", "ms per inference")
+        self.bars = LayerBars()
         self.pareto = ParetoChart()
         charts_row = QSplitter(Qt.Orientation.Horizontal)
         charts_row.addWidget(self.bars)
@@ -194,6 +200,7 @@ class LatencyPanel(QWidget):
             spin.valueChanged.connect(self.refresh)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
+        layout.addLayout(device_row)
         layout.addLayout(actions)
         layout.addWidget(self.status)
         layout.addWidget(body, 1)
@@ -217,7 +224,21 @@ class LatencyPanel(QWidget):
 
     # ---- variants -----------------------------------------------------------------------
 
+    def profile_selected(self) -> DeviceProfile | None:
+        name = self.target.currentData()
+        return next((p for p in self.profiles if p.name == name), None)
+
+    def device_estimate(self, variant: Variant) -> DeviceEstimate | None:
+        """The selected target device's roofline estimate of ``variant`` (None: no device)."""
+        profile = self.profile_selected()
+        if profile is None or not self.variants:
+            return None
+        if self._estimator is None or self._estimator.batch != self.batch.value():
+            self._estimator = DeviceEstimator.build(self.variants[0].model, self.batch.value())
+        return self._estimator.estimate(profile, variant.plan)
+
     def _reset(self, *_args: object) -> None:
+        self._estimator = None
         self.variants = []
         model = self.session.model
         if model is not None:
@@ -234,7 +255,7 @@ class LatencyPanel(QWidget):
         if inventory is not None:
             original.macs = inventory.macs
         if evaluation is not None:
-            original.quality = _quality(evaluation)
+            original.quality = quality_of(evaluation)
             self._maybe_measure("evaluation")
         self.refresh()
 
@@ -249,7 +270,7 @@ class LatencyPanel(QWidget):
                 result.plan,
                 result.params_after,
                 result.macs_after,
-                _quality(result.quality_after),
+                quality_of(result.quality_after),
             )
         )
         self.refresh()
@@ -411,6 +432,9 @@ class LatencyPanel(QWidget):
     def refresh(self, *_args: object) -> None:
         key = self.settings_key()
         keep = self.selected()
+        profile = self.profile_selected()
+        self.source.setText(f"source: {profile.source}" if profile is not None else "")
+        self.source.setToolTip(profile.source if profile is not None else "")
         self.table.setRowCount(len(self.variants))
         base = self.variants[0].measured.get(key) if self.variants else None
         for i, v in enumerate(self.variants):
@@ -421,6 +445,7 @@ class LatencyPanel(QWidget):
             if m is not None and base is not None and v is not self.variants[0]:
                 measured += f"  {base.median_ms / m.median_ms:.2f}×"
             error = f"{(est - m.median_ms) / m.median_ms:+.1%}" if m and est else ""
+            device = self._device_cells(v)
             values = (
                 v.name,
                 fmt.thousands(v.params),
@@ -430,6 +455,7 @@ class LatencyPanel(QWidget):
                 f"{m.throughput:,.0f}" if m is not None else "",
                 f"{est:.3f}" if est is not None else "",
                 error,
+                *device,
             )
             for column, text in enumerate(values):
                 item = QTableWidgetItem(text)
@@ -443,72 +469,51 @@ class LatencyPanel(QWidget):
         self.redraw()
         self._update_controls()
 
+    def _device_cells(self, variant: Variant) -> tuple[str, str, str]:
+        try:
+            estimate = self.device_estimate(variant)
+        except StudioError as exc:
+            return (f"({exc})"[:60], "", "")
+        if estimate is None:
+            return ("", "", "")
+        memory = sum(1 for layer in estimate.layers if layer.bound == "memory")
+        return (
+            f"{estimate.total_ms:.3f}",
+            f"{estimate.energy_mj:.4f}",
+            f"{memory} of {len(estimate.layers)}",
+        )
+
     def redraw(self, *_args: object) -> None:
         key = self.settings_key()
         variant = self.selected()
-        self.bars.clear()
         layers = variant.layers.get(key, []) if variant is not None else []
-        if layers:
-            shown = layers[:TOP_LAYERS]
-            y = np.arange(len(shown), dtype=float)
-            widths = np.array([layer.ms for layer in shown])
-            self.bars.addItem(
-                pg.BarGraphItem(x0=0, y=y, height=0.7, width=widths, brush=BAR_BRUSH, pen=None)
-            )
-            self.bars.getAxis("left").setTicks(
-                [[(float(i), f"{layer.name} ({layer.op})") for i, layer in enumerate(shown)]]
-            )
-            self.bars.setXRange(0, float(widths.max()) * 1.05, padding=0)
-            self.bars.setYRange(-0.6, len(shown) - 0.4, padding=0)
-            self.bars.setTitle(f"Per-layer time of {variant.name} (measured, slowest first)")  # type: ignore[union-attr]
+        try:
+            estimate = self.device_estimate(variant) if variant is not None else None
+        except StudioError:
+            estimate = None
+        if variant is not None and layers:
+            self.bars.show_measured(variant.name, layers)
+        elif variant is not None and estimate is not None:
+            self.bars.show_estimate(variant.name, estimate)
         else:
-            self.bars.setTitle("Per-layer time: select a variant, then Per-layer profile")
+            self.bars.show_hint("Per-layer time: select a variant, then Per-layer profile")
         by_latency = self.x_axis.currentIndex() == 0
         points = [
             (v.name, v.measured[key].median_ms if by_latency else v.macs, v.quality)
             for v in self.variants
             if v.quality is not None and (v.measured.get(key) is not None if by_latency else v.macs)
         ]
-        names = [p[0] for p in points]
         cost_label = "latency (ms, measured)" if by_latency else "MACs"
         self.pareto.set_points(
-            names, [p[1] for p in points], [p[2] for p in points], cost_label, "quality (%)"
-        )
+            [p[0] for p in points], [p[1] for p in points], [p[2] for p in points], cost_label,
+            "quality (%)",
+        )  # fmt: skip
 
     def _log_line(self) -> str:
-        key = self.settings_key()
-        parts = []
-        for v in self.variants:
-            m, est = v.measured.get(key), v.estimated.get(key)
-            if m is not None:
-                text = f"{v.name} {m.median_ms:.3f} ms measured"
-                if est is not None:
-                    text += f" / {est:.3f} estimated"
-                parts.append(text)
-        runtime, batch, threads, device = key
-        return f"Latency ({runtime}, batch {batch}, {threads} threads, {device}): " + "; ".join(
-            parts
-        )
+        return log_line(self.variants, self.settings_key())
 
     def csv(self) -> str:
-        key = self.settings_key()
-        rows = []
-        for v in self.variants:
-            m, est = v.measured.get(key), v.estimated.get(key)
-            rows.append(
-                [
-                    v.name, v.params, v.macs or "", "" if v.quality is None else v.quality,
-                    *(("", "", "", "") if m is None else
-                      (m.median_ms, m.p10_ms, m.p90_ms, m.throughput)),
-                    "" if est is None else est, *key,
-                ]
-            )  # fmt: skip
-        header = [
-            "variant", "params", "macs", "quality", "measured_median_ms", "measured_p10_ms",
-            "measured_p90_ms", "throughput", "estimated_ms", "runtime", "batch", "threads",
-            "device",
-        ]  # fmt: skip
-        return charts.csv_text(header, rows)
+        return variants_csv(self.variants, self.settings_key())
 
     def save_png(self, path: str | Path) -> Path:
         return charts.save_png(self.charts, path, self.session.input_files())
@@ -526,10 +531,3 @@ class LatencyPanel(QWidget):
         for widget in (self.runtime, self.device, self.batch, self.threads, self.budget):
             widget.setEnabled(not busy)
         self.saving.set_enabled(bool(self.variants))
-
-
-def _quality(evaluation: Any) -> float | None:
-    if evaluation is None:
-        return None
-    accuracy = getattr(evaluation, "accuracy", None)
-    return accuracy if accuracy is not None else getattr(evaluation, "agreement", None)

@@ -110,3 +110,18 @@ def test_fine_tuned_variant_is_added_and_a_new_model_clears(panel: LatencyPanel,
     assert panel.variants[-1].plan is result.plan and panel.variants[-1].quality == 0.99
     panel.session.set_model(load_model("zoo:resnet20"))
     assert [v.name for v in panel.variants] == ["original"]
+
+
+def test_target_device_roofline_estimates(panel: LatencyPanel) -> None:
+    names = [panel.target.itemData(i) for i in range(panel.target.count())]
+    assert "rpi4-cortex-a72" in names and len(names) >= 5  # "none" and the bundled profiles
+    panel.target.setCurrentIndex(names.index("rpi4-cortex-a72"))
+    original, pruned = (float(panel.table.item(i, 8).text()) for i in range(2))
+    assert 0 < pruned < original  # half the channels: less to compute and to move
+    assert float(panel.table.item(0, 9).text()) > 0 and " of " in panel.table.item(0, 10).text()
+    assert "raspberrypi.com" in panel.source.text()
+    panel.table.selectRow(1)
+    panel.redraw()
+    assert "estimated" in panel.bars.plotItem.titleLabel.text
+    panel.target.setCurrentIndex(0)
+    assert panel.table.item(0, 8).text() == ""
