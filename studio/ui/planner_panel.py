@@ -8,7 +8,6 @@ chosen method; predictions are recomputed at most every ``SUMMARY_MS`` while sli
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QTimer, Signal
@@ -16,7 +15,6 @@ from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFrame,
     QHBoxLayout,
     QLabel,
@@ -26,13 +24,13 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.allocate import CostModel, allocate
-from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn
 from studio.core.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
 from studio.core.prune import prune
 from studio.ui import format as fmt
 from studio.ui import scan_text
 from studio.ui.planner_latency import PlannerLatency
+from studio.ui.planner_recipes import PlannerRecipes
 from studio.ui.planner_state import PlannerState
 from studio.ui.planner_table import PlannerTable
 from studio.ui.runner import Job, JobRunner
@@ -43,10 +41,9 @@ SUMMARY_MS = 80
 STRATEGIES = ("sensitivity", "global", "uniform")
 ROUNDING = {"exact": 1, "×4": 4, "×8": 8, "×16": 16}
 TARGET_KINDS = {"MACs": "macs", "parameters": "params", "latency (estimated)": "latency"}
-RECIPE_FILTER = "Recipes (*.yaml *.yml *.json)"
 
 
-class PlannerPanel(QWidget):
+class PlannerPanel(PlannerRecipes, QWidget):
     """Edits a :class:`PruningPlan` for the session's model and applies it."""
 
     error = Signal(str, str)
@@ -423,85 +420,3 @@ class PlannerPanel(QWidget):
         self.latency_button.setEnabled(
             has_targets and self.latency.predictor is None and not self.latency.building
         )
-
-    # --- recipes -------------------------------------------------------------------------
-
-    def save_recipe(self, path: str | Path) -> Path:
-        return self.state.plan.save(path, self.session.input_files())
-
-    def load_recipe(self, path: str | Path) -> None:
-        """Read a recipe: its method first (targets are rebuilt if it differs), then its
-        criterion, cap, locks and ratios."""
-        plan = PruningPlan.load(path)
-        model = self.session.model
-        if model is None:
-            raise StudioError("open a model before loading a recipe")
-        plan.check_model(model.fingerprint())
-        if plan.method != self.state.plan.method or self.state.cost is None:
-            self._pending_recipe = (plan, Path(path).name)
-            self.method.setCurrentText(plan.method)  # rebuilds; the ratios follow
-            if self.method.currentText() == self.state.plan.method and not self.running("targets"):
-                self.rebuild()
-            return
-        self._apply_recipe((plan, Path(path).name))
-
-    def load_recipe_when_ready(self, path: str, apply: bool = False) -> None:
-        """Load a recipe as soon as the model's targets are known (used at launch), and with
-        ``apply`` Apply it once the data is in too."""
-        self._apply_when_loaded = apply
-        if apply:
-            self.session.data_changed.connect(self._apply_if_pending)
-        if self.state.cost is not None and not self.running("targets"):
-            self._load_reporting(path)
-        else:
-            self._recipe_path_when_ready = path
-
-    def _load_reporting(self, path: str) -> None:
-        try:
-            self.load_recipe(path)
-        except StudioError as exc:
-            self._fail("Could not load the recipe", str(exc))
-
-    def _apply_recipe(self, recipe: tuple[PruningPlan, str]) -> None:
-        plan, name = recipe
-        try:
-            plan.check_model("", {t.name for t in self.state.targets})
-        except StudioError as exc:
-            self._fail("Could not load the recipe", str(exc))
-            return
-        self.criterion.setCurrentText(plan.criterion)
-        self.cap.setValue(plan.cap)
-        self.recalibrate.setChecked(plan.recalibrate_bn)
-        index = self.round_to.findData(plan.round_to)
-        if index < 0:
-            self.round_to.addItem(f"×{plan.round_to}", plan.round_to)
-            index = self.round_to.count() - 1
-        self.round_to.setCurrentIndex(index)
-        self.state.set_plan_fields(ignored=plan.ignored)
-        for target in self.state.targets:
-            self.state.set_locked(target.name, target.name in plan.locked)
-        self.state.set_all(plan.ratios, f"load recipe {name}")
-        self.session.log(f"Loaded recipe {name}: {len(plan.active())} targets to prune")
-        self._recipe_loaded = True
-        self._apply_if_pending()
-
-    def _apply_if_pending(self, *_args: object) -> None:
-        if self._apply_when_loaded and self._recipe_loaded and self.session.data is not None:
-            self._apply_when_loaded = False
-            QTimer.singleShot(0, self.apply)
-
-    def _ask_save_recipe(self) -> None:
-        name = (self.session.model.name if self.session.model else "model").split()[0]
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Save recipe", f"{name}-recipe.yaml", RECIPE_FILTER
-        )
-        if path:
-            try:
-                self.session.log(f"Saved recipe {self.save_recipe(path)}")
-            except StudioError as exc:
-                self._fail("Could not save the recipe", str(exc))
-
-    def _ask_load_recipe(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load recipe", "", RECIPE_FILTER)
-        if path:
-            self._load_reporting(path)
