@@ -5,7 +5,8 @@ structured plans per model (random per-group ratios), at batch 1 and 32.
         [--threads 1] [--repeats 3]
 
 Each pruned model is timed side by side with the unpruned one (alternating blocks, so both see
-the same load on a shared machine), ``--repeats`` times; the median is the measured latency.
+the same load on a shared machine) in ``--repeats`` passes over all plans (a plan's repeats are
+spread over the run); the median is the measured latency.
 Printed per model and batch: the share of plans predicted within +-10 % of the measured
 median and the worst error; "normalised" rescales the prediction by the unpruned model's
 measured/predicted ratio of the same repeat (what remains when the machine's load is factored
@@ -39,8 +40,8 @@ def main() -> int:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--plans", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=0.6, help="seconds per timing round")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=0.3, help="seconds per timing round")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,31 +62,43 @@ def main() -> int:
         cost = predictors[batches[0]].cost
         rng = np.random.default_rng(args.seed)
         original = onnx_session(model, args.threads)
-        errors: dict[int, list[float]] = {b: [] for b in batches}
-        normalised: dict[int, list[float]] = {b: [] for b in batches}
-        predict_us: list[float] = []
-        for i in range(args.plans):
+        plans, sessions = [], []
+        for _ in range(args.plans):
             ratios = dict(zip(cost.names, rng.uniform(0.0, 0.7, len(cost.names)).tolist()))
             plan = PruningPlan("structured", "l1", ratios, recalibrate_bn=False)
-            pruned = prune(model, plan).model
-            sess = onnx_session(pruned, args.threads)
-            for batch in batches:
-                p = predictors[batch]
+            plans.append(plan)
+            sessions.append(onnx_session(prune(model, plan).model, args.threads))
+        predict_us: list[float] = []
+        predicted = {b: [] for b in batches}
+        for batch in batches:
+            for plan in plans:
                 t0 = time.perf_counter()
-                predicted = p.predict(plan).total_ms
+                predicted[batch].append(predictors[batch].predict(plan).total_ms)
                 predict_us.append((time.perf_counter() - t0) * 1e6)
+        # passes over all plans, so that the repeats of one plan are spread over time and a
+        # burst of load from other processes touches one repeat, not all
+        rounds: dict[tuple[int, int], list[list[float]]] = {}
+        for repeat in range(args.repeats):
+            for batch in batches:
                 x = model.example_input(batch).numpy()
-                rounds = [
-                    export_onnx.latencies_ms([original, sess], x, args.budget)
-                    for _ in range(args.repeats)
-                ]
-                measured = statistics.median(r[1] for r in rounds)
-                scale = statistics.median(r[0] / r[1] for r in rounds)  # original / pruned
-                errors[batch].append(predicted / measured - 1.0)
-                # prediction relative to the unpruned model's prediction, times its measurement
-                normalised[batch].append(predicted / p.original_ms / (1.0 / scale) - 1.0)
+                for i, sess in enumerate(sessions):
+                    pair = export_onnx.latencies_ms([original, sess], x, args.budget)
+                    rounds.setdefault((batch, i), []).append(pair)
+            print(f"  pass {repeat + 1}/{args.repeats} done", flush=True)
+        errors: dict[int, list[float]] = {b: [] for b in batches}
+        normalised: dict[int, list[float]] = {b: [] for b in batches}
+        for batch in batches:
+            p = predictors[batch]
+            for i in range(len(plans)):
+                pairs = rounds[(batch, i)]
+                measured = statistics.median(r[1] for r in pairs)
+                scale = statistics.median(r[0] / r[1] for r in pairs)  # original / pruned
+                guess = predicted[batch][i]
+                errors[batch].append(guess / measured - 1.0)
+                # the prediction relative to the unpruned model's, times its measurement
+                normalised[batch].append(guess / p.original_ms * scale - 1.0)
                 print(
-                    f"  plan {i + 1:2d} batch {batch:2d}: predicted {predicted:8.3f} ms, "
+                    f"  plan {i + 1:2d} batch {batch:2d}: predicted {guess:8.3f} ms, "
                     f"measured {measured:8.3f} ms ({errors[batch][-1]:+.1%}; "
                     f"normalised {normalised[batch][-1]:+.1%})",
                     flush=True,
