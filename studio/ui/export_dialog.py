@@ -76,7 +76,7 @@ def result_html(result: Any, quantized: Any = None) -> str:
         ("Size", f"{result.bytes:,} bytes"),
     ]
     if result.ort_ms_exported is not None:
-        speed = f": {result.speedup:.2f}× faster" if result.speedup else ""
+        speed = f": speed-up {result.speedup:.2f}×" if result.speedup else ""
         rows.append(
             (
                 "ONNX Runtime (batch 1)",
