@@ -26,6 +26,7 @@ def quick(monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setattr(latency_predict, "FIT_BUDGET_S", 0.1)
     monkeypatch.setattr(latency_predict, "FIT_RANDOM", 1)
+    monkeypatch.setattr(latency_predict, "FIT_PASSES", 1)
     yield
     torch.set_num_threads(previous)
 

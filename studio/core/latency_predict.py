@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from bisect import bisect_right
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +37,14 @@ from studio.core.paths import cache_dir
 from studio.core.plan import PruningPlan
 
 CACHE_VERSION = 1
-FIT_VERSION = 5  # the form of the per-model fit (coefficients) cached
+FIT_VERSION = 6  # the form of the per-model fit (coefficients) cached
 GRID = 4  # channel counts measured per dimension (ends included)
 FIT_RATIOS = (0.0, 0.25, 0.5)  # uniform variants measured for the fit, plus FIT_RANDOM plans
 FIT_RANDOM = 6
 FIT_TERMS = 4  # at most this many of the fit's 5 terms (9 measured variants)
 FLOOR = 0.2  # a prediction is at least this fraction of the scaled table times
-FIT_BUDGET_S = 2.0  # seconds of side-by-side timing for the fit
+FIT_BUDGET_S = 1.0  # seconds of side-by-side timing for the fit, per pass
+FIT_PASSES = 3
 BLOCK = NCHWC_BLOCK
 
 
@@ -58,6 +60,10 @@ class _Layer:
     # layout regime -> (input channels, output channels measured, ms at each pair)
     grids: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     elems: float  # output activation elements per output channel
+    # the grids as Python lists (scalar interpolation in Python is faster than in numpy)
+    fast: dict[str, tuple[list[float], list[float], list[list[float]]]] = field(
+        default_factory=dict
+    )
 
     def points(self) -> list[tuple[int, int]]:
         return [(int(x), int(y)) for xs, ys, _ in self.grids.values() for x in xs for y in ys]
@@ -239,6 +245,7 @@ class LatencyPredictor:
             for kind, (xs, ys, _) in list(layer.grids.items()):
                 table = np.array([[known[layer.cfg.key(int(x), int(y))] for y in ys] for x in xs])
                 layer.grids[kind] = (xs, ys, table)
+                layer.fast[kind] = (xs.tolist(), ys.tolist(), table.tolist())
         self.table = {k: known[k] for k in configs}
         fit_key = f"{model.fingerprint()}|b{batch}|fit{FIT_VERSION}"
         fits: dict[str, dict] = {}
@@ -263,20 +270,20 @@ class LatencyPredictor:
 
     def _features(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Table time, output activations and plain-NCHW flag of every layer after ``r``."""
-        outs, ins = self.cost.channels_vector(r)
-        times = np.empty(len(self.layers))
-        acts = np.empty(len(self.layers))
-        plain = np.zeros(len(self.layers), bool)
-        for i, layer in enumerate(self.layers):
+        out_arr, in_arr = self.cost.channels_vector(r)
+        outs, ins = out_arr.tolist(), in_arr.tolist()
+        times, acts, plain = [], [], []
+        onnx = self.runtime == "onnxruntime"
+        for layer in self.layers:
             c_out = outs[layer.out_row] if layer.out_row >= 0 else layer.c_out
             c_in = ins[layer.in_row] if layer.in_row >= 0 else layer.c_in
-            kind = regime(layer.cfg.op, c_in, c_out) if self.runtime == "onnxruntime" else "t"
-            xs, ys, table = layer.grids.get(kind) or next(iter(layer.grids.values()))
+            kind = regime(layer.cfg.op, c_in, c_out) if onnx else "t"
+            xs, ys, table = layer.fast.get(kind) or next(iter(layer.fast.values()))
             y = c_out if kind in ("n", "q", "l", "t") else -(-c_out // BLOCK) * BLOCK
-            times[i] = _bilinear(xs, ys, table, 0.0 if layer.cfg.op == "dwconv" else c_in, y)
-            acts[i] = y * layer.elems
-            plain[i] = kind in ("n", "q")
-        return times, acts, plain
+            times.append(_bilinear(xs, ys, table, 0.0 if layer.cfg.op == "dwconv" else c_in, y))
+            acts.append(y * layer.elems)
+            plain.append(kind in ("n", "q"))
+        return np.array(times), np.array(acts), np.array(plain, bool)
 
     def _per_layer(self, r: np.ndarray) -> np.ndarray:
         times, acts, plain = self._features(r)
@@ -331,29 +338,28 @@ class LatencyPredictor:
         return self.predict(plan).total_ms / self.original_ms if self.original_ms else 1.0
 
 
-def _bilinear(xs: np.ndarray, ys: np.ndarray, table: np.ndarray, x: float, y: float) -> float:
+def _bilinear(
+    xs: list[float], ys: list[float], table: list[list[float]], x: float, y: float
+) -> float:
     i, tx = _segment(xs, x)
     j, ty = _segment(ys, y)
-    if xs.size == 1 and ys.size == 1:
-        return float(table[0, 0])
-    if xs.size == 1:
-        return float(table[0, j] * (1 - ty) + table[0, j + 1] * ty)
-    if ys.size == 1:
-        return float(table[i, 0] * (1 - tx) + table[i + 1, 0] * tx)
-    low = table[i, j] * (1 - ty) + table[i, j + 1] * ty
-    high = table[i + 1, j] * (1 - ty) + table[i + 1, j + 1] * ty
-    return float(low * (1 - tx) + high * tx)
+    row = table[i]
+    low = row[j] if len(ys) == 1 else row[j] * (1 - ty) + row[j + 1] * ty
+    if len(xs) == 1:
+        return low
+    row = table[i + 1]
+    high = row[j] if len(ys) == 1 else row[j] * (1 - ty) + row[j + 1] * ty
+    return low * (1 - tx) + high * tx
 
 
-def _segment(xs: np.ndarray, x: float) -> tuple[int, float]:
+def _segment(xs: list[float], x: float) -> tuple[int, float]:
     """Index of the grid segment holding ``x`` and the position in it (extrapolating at the
     ends, so that fewer channels than the smallest measured still cost less)."""
-    if xs.size == 1:
+    if len(xs) == 1:
         return 0, 0.0
-    i = int(np.searchsorted(xs, x, side="right")) - 1
-    i = min(max(i, 0), xs.size - 2)
+    i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
     lo, hi = xs[i], xs[i + 1]
-    return i, float((x - lo) / (hi - lo))
+    return i, (x - lo) / (hi - lo)
 
 
 def _layers(model: LoadedModel, cost: CostModel, batch: int, runtime: str) -> list[_Layer]:
@@ -438,11 +444,13 @@ def _fit(
         plan = PruningPlan("structured", "l1", plan.with_ratios({}).ratios, recalibrate_bn=False)
         variants.append(prune(model, plan).model)
     report(progress, 0.5, "measuring the model and its variants")
-    measured = np.array(
+    passes = [  # medians of passes: a burst of load from other processes spoils one pass
         measure_side_by_side(
             variants, predictor.runtime, predictor.batch, predictor.threads, cancel, FIT_BUDGET_S
         )
-    )
+        for _ in range(FIT_PASSES)
+    ]
+    measured = np.median(np.array(passes), axis=0)
     rows = []
     for r in vectors:
         t, a, plain = predictor._features(r)

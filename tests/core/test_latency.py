@@ -137,6 +137,7 @@ def test_predict_monotone_and_without_building(predictor, monkeypatch):
 def test_fit_is_cached(monkeypatch):
     monkeypatch.setattr(latency_predict, "FIT_BUDGET_S", 0.1)
     monkeypatch.setattr(latency_predict, "FIT_RANDOM", 1)
+    monkeypatch.setattr(latency_predict, "FIT_PASSES", 1)
     first = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
     assert (first.coef[:4] >= 0).all() and first.measured_ms > 0  # the constant may be < 0
     again = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
