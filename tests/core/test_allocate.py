@@ -222,7 +222,8 @@ def test_bad_requests_are_one_line_errors(cost, report) -> None:
     plan = PruningPlan()
     for args, message in (
         (("sideways", "macs", 0.5), "unknown allocation"),
-        (("uniform", "latency", 0.5), "unknown target"),
+        (("uniform", "energy", 0.5), "unknown target"),
+        (("uniform", "latency", 0.5), "needs a latency predictor"),
         (("uniform", "macs", 1.5), "fraction to keep"),
         (("uniform", "macs", 0.0), "fraction to keep"),
         (("sensitivity", "macs", 0.5), "needs a sensitivity scan"),
