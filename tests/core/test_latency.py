@@ -218,3 +218,14 @@ def test_machine_profile(predictor):
     profile = machine_profile(predictor, bandwidth=1e10)
     assert profile.peak("fp32") > 0 and profile.name == "this-machine"
     assert 0 < profile.efficiency_of("conv") <= 1
+
+
+def test_torch_predictor(monkeypatch):
+    monkeypatch.setattr(latency_predict, "FIT_BUDGET_S", 0.1)
+    monkeypatch.setattr(latency_predict, "FIT_RANDOM", 1)
+    monkeypatch.setattr(latency_predict, "FIT_PASSES", 1)
+    predictor = LatencyPredictor.build(tiny(), "torch", batch=1, threads=1)
+    names = predictor.cost.names
+    result = predictor.predict(dict.fromkeys(names, 0.5))
+    assert result.runtime == "torch" and result.total_ms > 0
+    assert cache_path("torch", 1).exists()
