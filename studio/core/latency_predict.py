@@ -9,6 +9,12 @@ reorders, the runtime's fixed cost per inference) is a per-model fit
 ``measured = a * table_sum + c * activations + b``, least squares on the unpruned model and a
 few pruned variants measured side by side. Table and fit are cached on disk per machine,
 runtime and thread count, so a second build only traces the model.
+
+benchmarks/latency_prediction.py on the shared 2-core development box (1 thread, 30 random
+structured plans, 5 passes): within +-10 % of the measured median for 80 % (demo, batch 1),
+73 % (demo, 32), 73 % (mobilenetv2, 1), 60 % (mobilenetv2, 32) of the plans; median error
+5-9 %, worst -47 %, mostly plans measured during bursts of load from other processes (the
+goal of 90 % is not reached there). predict(): 0.15 ms (demo) to 0.33 ms (mobilenetv2).
 """
 
 from __future__ import annotations
