@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from studio.cli import main
-from studio.core import latency_predict
+from studio.core import latency_fit
 
 SMALL = ("--model", "zoo:resnet20", "--input-shape", "1,1,8,8")
 
@@ -24,9 +24,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def quick(monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(latency_predict, "FIT_BUDGET_S", 0.1)
-    monkeypatch.setattr(latency_predict, "FIT_RANDOM", 1)
-    monkeypatch.setattr(latency_predict, "FIT_PASSES", 1)
+    monkeypatch.setattr(latency_fit, "FIT_BUDGET_S", 0.1)
+    monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
+    monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     yield
     torch.set_num_threads(previous)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,11 @@ from studio.core.costs import CostModel
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, ProgressFn, check, report, sub_progress
-from studio.core.latency import _check, default_threads, torch_threads
-from studio.core.latency_micro import NCHWC_BLOCK, LayerConfig, time_onnx, time_torch
+from studio.core.latency import _check, torch_threads
+from studio.core.latency_fit import fit_model
+from studio.core.latency_grid import BLOCK, bilinear, regime
+from studio.core.latency_grid import grids as grids_of
+from studio.core.latency_micro import LayerConfig, time_onnx, time_torch
 from studio.core.latency_types import LayerTime, PredictedLatency
 from studio.core.models import LoadedModel
 from studio.core.paths import cache_dir
@@ -44,14 +46,7 @@ from studio.core.plan import PruningPlan
 
 CACHE_VERSION = 1
 FIT_VERSION = 6  # the form of the per-model fit (coefficients) cached
-GRID = 4  # channel counts measured per dimension (ends included)
-FIT_RATIOS = (0.0, 0.25, 0.5)  # uniform variants measured for the fit, plus FIT_RANDOM plans
-FIT_RANDOM = 6
-FIT_TERMS = 4  # at most this many of the fit's 5 terms (9 measured variants)
 FLOOR = 0.2  # a prediction is at least this fraction of the scaled table times
-FIT_BUDGET_S = 1.0  # seconds of side-by-side timing for the fit, per pass
-FIT_PASSES = 3
-BLOCK = NCHWC_BLOCK
 
 
 @dataclass
@@ -119,72 +114,6 @@ def _write_cache(path: Path, table: dict[str, float], fits: dict[str, dict]) -> 
     write_atomic(path, json.dumps(data))
 
 
-def regime(op: str, c_in: float, c_out: float) -> str:
-    """Which kernel ONNX Runtime's CPU provider runs (its NCHWc transformer's rules, and the
-    4-wide vectors of its plain kernels): ``c`` NCHWc blocks (output channels padded to 8),
-    ``d`` NCHWc output from a plain input of fewer than 8 channels, ``q`` plain NCHW with
-    input channels (depthwise: output channels) a multiple of 4, ``n`` plain NCHW otherwise,
-    ``l`` a linear layer."""
-    if op == "linear":
-        return "l"
-    channels = c_out if op == "dwconv" else c_in
-    if op == "conv" and c_in < BLOCK:
-        return "d"
-    if channels % BLOCK == 0:
-        return "c"
-    return "q" if channels % 4 == 0 else "n"
-
-
-def _spread(lo: float, hi: float, count: int) -> np.ndarray:
-    return np.unique(np.round(np.linspace(lo, hi, max(1, min(count, int(hi - lo) + 1)))))
-
-
-def _plain(top: int, kind: str) -> np.ndarray:
-    """Channel counts of regime ``n`` (not a multiple of 4) or ``q`` (4 mod 8) up to ``top``."""
-    if kind == "q":
-        ks = _spread(1, max(1, (top - 4) // BLOCK), GRID)
-        return ks * BLOCK + 4
-    values = _spread(BLOCK + 1, max(BLOCK + 1, top - 1), GRID + 1)
-    return np.unique(np.where(values % 4 == 0, values - 1, values))
-
-
-def _grids(op: str, c_in: int, c_out: int, fixed_in: bool, fixed_out: bool) -> dict:
-    """The channel counts to measure in each regime the layer can reach under pruning."""
-
-    def outs(kind: str) -> np.ndarray:
-        if fixed_out:
-            return np.array([float(c_out)])
-        if kind in ("n", "q"):
-            return _spread(1, c_out, GRID)
-        return _spread(1, np.ceil(c_out / BLOCK), GRID) * BLOCK
-
-    if op == "linear":
-        ins = np.array([float(c_in)]) if fixed_in else _spread(1, c_in, GRID)
-        return {"l": (ins, outs("l"))}
-    zero = np.array([0.0])
-    if op == "dwconv":
-        if fixed_out:
-            return {regime(op, c_in, c_out): (zero, np.array([float(c_out)]))}
-        grids = {"c": (zero, _spread(1, np.ceil(c_out / BLOCK), GRID) * BLOCK)}
-        if c_out > BLOCK + 1:
-            grids["n"] = (zero, _plain(c_out, "n"))
-        if c_out > BLOCK + 4:
-            grids["q"] = (zero, _plain(c_out, "q"))
-        grids["q"] = grids.get("q", (zero, np.array([4.0])))
-        return grids
-    if fixed_in:
-        kind = regime(op, c_in, c_out)
-        return {kind: (np.array([float(c_in)]), outs(kind))}
-    grids = {"d": (np.array([1.0, BLOCK - 1.0]), outs("d"))}
-    if c_in >= BLOCK:
-        grids["c"] = (_spread(1, c_in // BLOCK, GRID) * BLOCK, outs("c"))
-    if c_in > BLOCK + 1:
-        grids["n"] = (_plain(c_in, "n"), outs("n"))
-    if c_in > BLOCK + 4:
-        grids["q"] = (_plain(c_in, "q"), outs("q"))
-    return grids
-
-
 class LatencyPredictor:
     """Predicted latency of any plan of one model, at one runtime, batch and thread count."""
 
@@ -201,7 +130,7 @@ class LatencyPredictor:
         self.measured_ms: float | None = None  # the unpruned model measured during the fit
         self.calibrated_points = 0  # micro-benchmarks run by this build (0: all from cache)
         self.table: dict[str, float] = {}
-        self._full = np.ones(len(cost.names))
+        self.anchor = 1.0  # scale set by anchor_to() from a fresh measurement
         self.original_ms = 0.0
 
     # ---- building ----------------------------------------------------------------------
@@ -258,7 +187,7 @@ class LatencyPredictor:
         if fit:
             entry = None if recalibrate else cached["fits"].get(fit_key)
             if entry is None:
-                entry = _fit(self, model, sub_progress(progress, 0.6, 1.0), cancel)
+                entry = fit_model(self, model, sub_progress(progress, 0.6, 1.0), cancel)
                 fits[fit_key] = entry
             self.coef = np.array(entry["coef"], float)
             self.fit_error = float(entry.get("error", 0.0))
@@ -286,7 +215,7 @@ class LatencyPredictor:
             kind = regime(layer.cfg.op, c_in, c_out) if onnx else "t"
             xs, ys, table = layer.fast.get(kind) or next(iter(layer.fast.values()))
             y = c_out if kind in ("n", "q", "l", "t") else -(-c_out // BLOCK) * BLOCK
-            times.append(_bilinear(xs, ys, table, 0.0 if layer.cfg.op == "dwconv" else c_in, y))
+            times.append(bilinear(xs, ys, table, 0.0 if layer.cfg.op == "dwconv" else c_in, y))
             acts.append(y * layer.elems)
             plain.append(kind in ("n", "q"))
         return np.array(times), np.array(acts), np.array(plain, bool)
@@ -299,7 +228,7 @@ class LatencyPredictor:
     def predict_ms(self, r: np.ndarray) -> float:
         """Total predicted ms for ratios in the cost model's target order (allocator use)."""
         layers = float(self._per_layer(r).sum())
-        return max(layers + float(self.coef[4]), FLOOR * layers)
+        return self.anchor * max(layers + float(self.coef[4]), FLOOR * layers)
 
     def predict(self, plan: PruningPlan | Mapping[str, float]) -> PredictedLatency:
         """Predicted latency of ``plan`` (a plan, or structured ratios by target name)."""
@@ -325,7 +254,8 @@ class LatencyPredictor:
         return self._result(np.where(keep, per_layer, 0.0), float(self.coef[4]), note)
 
     def _result(self, per_layer: np.ndarray, overhead: float, note: str) -> PredictedLatency:
-        overhead = max(overhead, (FLOOR - 1.0) * float(per_layer.sum()))
+        overhead = max(overhead, (FLOOR - 1.0) * float(per_layer.sum())) * self.anchor
+        per_layer = per_layer * self.anchor
         total = float(per_layer.sum()) + overhead
         denom = float(per_layer.sum()) or 1.0
         rows = sorted(
@@ -339,33 +269,19 @@ class LatencyPredictor:
             total, tuple(rows), self.runtime, self.batch, self.threads, overhead, note
         )
 
+    def anchor_to(self, measured_ms: float) -> None:
+        """Scale every prediction so that the unpruned model's equals ``measured_ms``, a fresh
+        measurement (same runtime, batch and threads): on a machine whose load changes, the
+        table and fit keep the ratios between plans, the fresh measurement the level."""
+        if measured_ms <= 0:
+            raise StudioError(f"a measured latency is positive, not {measured_ms!r}")
+        self.anchor = 1.0
+        self.anchor = measured_ms / self.predict_ms(self._zero())
+        self.original_ms = measured_ms
+
     def fraction(self, plan: PruningPlan | Mapping[str, float]) -> float:
         """Predicted latency of ``plan`` as a fraction of the unpruned model's."""
         return self.predict(plan).total_ms / self.original_ms if self.original_ms else 1.0
-
-
-def _bilinear(
-    xs: list[float], ys: list[float], table: list[list[float]], x: float, y: float
-) -> float:
-    i, tx = _segment(xs, x)
-    j, ty = _segment(ys, y)
-    row = table[i]
-    low = row[j] if len(ys) == 1 else row[j] * (1 - ty) + row[j + 1] * ty
-    if len(xs) == 1:
-        return low
-    row = table[i + 1]
-    high = row[j] if len(ys) == 1 else row[j] * (1 - ty) + row[j + 1] * ty
-    return low * (1 - tx) + high * tx
-
-
-def _segment(xs: list[float], x: float) -> tuple[int, float]:
-    """Index of the grid segment holding ``x`` and the position in it (extrapolating at the
-    ends, so that fewer channels than the smallest measured still cost less)."""
-    if len(xs) == 1:
-        return 0, 0.0
-    i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
-    lo, hi = xs[i], xs[i + 1]
-    return i, (x - lo) / (hi - lo)
 
 
 def _layers(model: LoadedModel, cost: CostModel, batch: int, runtime: str) -> list[_Layer]:
@@ -414,9 +330,9 @@ def _layers(model: LoadedModel, cost: CostModel, batch: int, runtime: str) -> li
         out_row = i if i >= 0 and outs[i] < c_out else -1
         in_row = i if i >= 0 and ins[i] < c_in else -1
         if runtime == "onnxruntime":
-            pairs = _grids(cfg.op, c_in, c_out, in_row < 0, out_row < 0)
+            pairs = grids_of(cfg.op, c_in, c_out, in_row < 0, out_row < 0)
         else:  # PyTorch's kernels have no layout regimes: one grid over the raw counts
-            pairs = {"t": _grids("linear", c_in, c_out, in_row < 0, out_row < 0)["l"]}
+            pairs = {"t": grids_of("linear", c_in, c_out, in_row < 0, out_row < 0)["l"]}
             if cfg.op == "dwconv":
                 pairs = {"t": (np.array([0.0]), pairs["t"][1])}
         grids = {k: (xs, ys, np.zeros(0)) for k, (xs, ys) in pairs.items()}
@@ -424,117 +340,3 @@ def _layers(model: LoadedModel, cost: CostModel, batch: int, runtime: str) -> li
             _Layer(name, type(mod).__name__, cfg, c_in, c_out, in_row, out_row, grids, elems)
         )
     return layers
-
-
-def _fit(
-    predictor: LatencyPredictor,
-    model: LoadedModel,
-    progress: ProgressFn | None,
-    cancel: CancelToken | None,
-) -> dict:
-    """Measure the model and a few pruned variants side by side; least-squares the overhead."""
-    from studio.core.prune import prune
-
-    cost = predictor.cost
-    rng = np.random.default_rng(0)
-    vectors = [np.full(len(cost.names), r) for r in FIT_RATIOS]
-    vectors += [rng.uniform(0.0, 0.7, len(cost.names)) for _ in range(FIT_RANDOM)]
-    variants = []
-    for i, r in enumerate(vectors):
-        check(cancel)
-        report(progress, 0.5 * i / len(vectors), "pruning variants for the fit")
-        if not r.any():
-            variants.append(model)
-            continue
-        plan = PruningPlan("structured", "l1", dict(zip(cost.names, r.tolist())))
-        plan = PruningPlan("structured", "l1", plan.with_ratios({}).ratios, recalibrate_bn=False)
-        variants.append(prune(model, plan).model)
-    report(progress, 0.5, "measuring the model and its variants")
-    passes = [  # medians of passes: a burst of load from other processes spoils one pass
-        measure_side_by_side(
-            variants, predictor.runtime, predictor.batch, predictor.threads, cancel, FIT_BUDGET_S
-        )
-        for _ in range(FIT_PASSES)
-    ]
-    measured = np.median(np.array(passes), axis=0)
-    rows = []
-    for r in vectors:
-        t, a, plain = predictor._features(r)
-        rows.append([t[~plain].sum(), t[plain].sum(), a.sum() * 1e-6, plain.sum(), 1.0])
-    features = np.array(rows)
-    coef = _least_squares(features, measured)
-    error = float(np.max(np.abs(features @ coef / measured - 1.0)))
-    report(progress, 1.0, "fitted")
-    return {"coef": coef.tolist(), "error": error, "measured_ms": float(measured[0])}
-
-
-def _least_squares(features: np.ndarray, measured: np.ndarray) -> np.ndarray:
-    """Relative least squares over column subsets of at most :data:`FIT_TERMS` terms, the
-    scales and per-layer terms >= 0; the constant may be negative (the micro-benchmarks' kernel
-    times carry the profiler's own cost per node, which a real run does not pay)."""
-    import itertools
-
-    w = 1.0 / measured
-    n = features.shape[1]
-    best, best_err = None, float("inf")
-    for size in range(min(n, FIT_TERMS), 0, -1):
-        for cols in itertools.combinations(range(n), size):
-            sub = features[:, cols] * w[:, None]
-            if not sub.any(axis=0).all() or not {0, 1} & set(cols):
-                continue
-            sol, *_ = np.linalg.lstsq(sub, np.ones_like(measured), rcond=None)
-            coef = np.zeros(n)
-            coef[list(cols)] = sol
-            if (coef[: n - 1] < 0).any():
-                continue
-            err = float(np.sum((features @ coef * w - 1.0) ** 2))
-            if err < best_err - 1e-12:
-                best, best_err = coef, err
-    if best is None:
-        return np.array([1.0, 1.0] + [0.0] * (n - 2))
-    # a table whose regime no variant reached keeps the other's scale
-    if best[1] == 0 and not features[:, 1].any():
-        best[1] = best[0]
-    if best[0] == 0 and not features[:, 0].any():
-        best[0] = best[1]
-    return best
-
-
-def measure_side_by_side(
-    models: list[LoadedModel],
-    runtime: str,
-    batch: int,
-    threads: int | None = None,
-    cancel: CancelToken | None = None,
-    budget_s: float = 2.0,
-) -> list[float]:
-    """Median latency in ms of each model, timed in alternating blocks so that all see the
-    same machine load (ONNX Runtime: :func:`studio.core.export_onnx.latencies_ms`)."""
-    import statistics
-    import time
-
-    from studio.core import export_onnx
-    from studio.core.latency import onnx_session
-
-    threads = threads or default_threads()
-    with torch_threads(threads):
-        if runtime == "onnxruntime":
-            sessions = [onnx_session(m, threads) for m in models]
-            check(cancel)
-            return export_onnx.latencies_ms(
-                sessions, models[0].example_input(batch).numpy(), budget_s
-            )
-        x = models[0].example_input(batch)
-        times: list[list[float]] = [[] for _ in models]
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for m in models:
-                m.module(x)
-            while len(times[0]) < 20 or time.perf_counter() - start < budget_s:
-                check(cancel)
-                for m, bucket in zip(models, times):
-                    for _ in range(5):
-                        t0 = time.perf_counter()
-                        m.module(x)
-                        bucket.append((time.perf_counter() - t0) * 1e3)
-        return [statistics.median(b) for b in times]

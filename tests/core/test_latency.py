@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core import latency_predict
+from studio.core import latency_fit
 from studio.core.allocate import TOLERANCE, allocate
 from studio.core.devices import find_device, list_devices, load_device
 from studio.core.devices_estimate import DeviceEstimator, machine_profile
@@ -135,9 +135,9 @@ def test_predict_monotone_and_without_building(predictor, monkeypatch):
 
 
 def test_fit_is_cached(monkeypatch):
-    monkeypatch.setattr(latency_predict, "FIT_BUDGET_S", 0.1)
-    monkeypatch.setattr(latency_predict, "FIT_RANDOM", 1)
-    monkeypatch.setattr(latency_predict, "FIT_PASSES", 1)
+    monkeypatch.setattr(latency_fit, "FIT_BUDGET_S", 0.1)
+    monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
+    monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     first = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
     assert (first.coef[:4] >= 0).all() and first.measured_ms > 0  # the constant may be < 0
     again = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
@@ -221,11 +221,23 @@ def test_machine_profile(predictor):
 
 
 def test_torch_predictor(monkeypatch):
-    monkeypatch.setattr(latency_predict, "FIT_BUDGET_S", 0.1)
-    monkeypatch.setattr(latency_predict, "FIT_RANDOM", 1)
-    monkeypatch.setattr(latency_predict, "FIT_PASSES", 1)
+    monkeypatch.setattr(latency_fit, "FIT_BUDGET_S", 0.1)
+    monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
+    monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     predictor = LatencyPredictor.build(tiny(), "torch", batch=1, threads=1)
     names = predictor.cost.names
     result = predictor.predict(dict.fromkeys(names, 0.5))
     assert result.runtime == "torch" and result.total_ms > 0
     assert cache_path("torch", 1).exists()
+
+
+def test_anchor_to_a_fresh_measurement(predictor):
+    names = predictor.cost.names
+    before = predictor.fraction(dict.fromkeys(names, 0.5))
+    original = predictor.original_ms
+    try:
+        predictor.anchor_to(2 * original)
+        assert predictor.predict({}).total_ms == pytest.approx(2 * original)
+        assert predictor.fraction(dict.fromkeys(names, 0.5)) == pytest.approx(before)
+    finally:
+        predictor.anchor_to(original)
