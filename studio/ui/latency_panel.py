@@ -338,6 +338,9 @@ class LatencyPanel(QWidget):
                 )  # fmt: skip
             except StudioError as exc:
                 return f"no estimate: {exc}"
+            reference = original.measured.get(key)
+            if reference is not None:  # the machine's load moves the level, not the ratios
+                predictor.anchor_to(reference.median_ms)
             for variant in self.variants:
                 plan = variant.plan or PruningPlan()
                 if plan.method != "structured":
@@ -395,7 +398,10 @@ class LatencyPanel(QWidget):
                 text += f" {result}."
                 self.session.log(f"Latency: {result}", WARNING)
             else:
-                text += " Estimated: the lookup table's prediction, without running the model."
+                text += (
+                    " Estimated: the lookup table's prediction without running the model, scaled"
+                    " so that the original's equals its measurement now (load moves the level)."
+                )
             self.status.setText(text)
             self.session.log(self._log_line())
             if self._measure_after == "profile":

@@ -40,13 +40,14 @@ def demo():  # type: ignore[no-untyped-def]
 @pytest.fixture
 def panel(qtbot, demo, monkeypatch):  # type: ignore[no-untyped-def]
     predicted: list[PruningPlan] = []
+    anchors: list[float] = []
 
     def build(model, runtime, batch, threads, progress=None, cancel=None, **_):  # type: ignore[no-untyped-def]
         def predict(plan):  # type: ignore[no-untyped-def]
             predicted.append(plan)
             return SimpleNamespace(total_ms=1.0 - 0.5 * bool(plan.active()))
 
-        return SimpleNamespace(predict=predict)
+        return SimpleNamespace(predict=predict, anchor_to=lambda ms: anchors.append(ms))
 
     monkeypatch.setattr(latency_predict.LatencyPredictor, "build", staticmethod(build))
     model, data, result = demo
@@ -62,6 +63,7 @@ def panel(qtbot, demo, monkeypatch):  # type: ignore[no-untyped-def]
     session.set_pruned(result)
     panel.budget.setValue(0.2)
     panel.predicted = predicted  # type: ignore[attr-defined]
+    panel.anchors = anchors  # type: ignore[attr-defined]
     yield panel
     runner.shutdown(timeout=60)
 
@@ -76,6 +78,7 @@ def test_measures_estimates_and_plots_every_variant(qtbot, panel: LatencyPanel, 
         assert m.label == "measured" and m.p10_ms <= m.median_ms <= m.p90_ms and m.runs >= 1
         assert v.estimated[key] == (1.0 if v.plan is None else 0.5)
     assert len(panel.predicted) == 2  # type: ignore[attr-defined]
+    assert panel.anchors == [panel.variants[0].measured[key].median_ms]  # type: ignore[attr-defined]
     assert panel.table.item(1, 6).text() == "0.500" and "%" in panel.table.item(1, 7).text()
     assert "×" in panel.table.item(1, 4).text()  # speed-up against the original
     assert len(panel.pareto.labels) == 2 and panel.pareto.front  # both have quality and latency
