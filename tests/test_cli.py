@@ -154,14 +154,6 @@ def test_entry_point_subprocess_exit_codes(tmp_path) -> None:
 # ---- studio prune -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: faster, and far faster on shared cores
-    yield
-    torch.set_num_threads(previous)
-
-
 def _state(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 

@@ -19,14 +19,7 @@ from studio.core.plan import PruningPlan
 from studio.core.prune import prune, prune_targets
 from studio.core.pruned_file import save_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these small models run faster so, and far faster on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -26,13 +26,7 @@ from studio.core.sensitivity_types import ScanSettings
 DEAD, LOUD = 0, 1  # channels of the first conv: always zero after the ReLU / always large
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these small models run faster so, and far faster on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gated_net() -> LoadedModel:

@@ -23,14 +23,7 @@ from studio.core.models import LoadedModel, load_model
 from studio.core.plan import PruningPlan
 from studio.core.prune import prune, prune_targets
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: small models run faster so on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pruned(model: LoadedModel, ratio: float = 0.4, method: str = "structured") -> LoadedModel:

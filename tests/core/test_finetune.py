@@ -32,13 +32,7 @@ ONE = {"log_every_steps": 1, "threads": 1}
 FAST = {"batch_size": 32, "warmup_epochs": 0.0, "log_every_steps": 1, "threads": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these small models run faster so, and far faster on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_net() -> LoadedModel:

@@ -43,12 +43,7 @@ def tiny() -> LoadedModel:
     return LoadedModel(Tiny().eval(), "tiny", "tiny", EAGER, (1, 1, 16, 16))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,7 @@ from studio.core.prune import prune, prune_targets, save_pruned
 from studio.core.sensitivity import SensitivityScan
 from studio.core.sensitivity_types import ScanSettings
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these small models run faster so, and far faster on shared cores
-    (the scan sets its own count, so it is set again before every test)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
