@@ -46,7 +46,7 @@ from studio.ui.latency_variants import Variant, log_line, quality_of, variants_c
 from studio.ui.layer_bars import LayerBars
 from studio.ui.pareto_chart import ParetoChart
 from studio.ui.runner import Job, JobRunner
-from studio.ui.session import DETAIL, ERROR, WARNING, Session
+from studio.ui.session import WARNING, Session
 
 COLUMNS = (
     "Variant",
@@ -417,9 +417,7 @@ class LatencyPanel(QWidget):
     def _on_failed(self, job: Job, message: str) -> None:
         if job in (self.job, self.profile_job):
             self.status.setText(f"Latency failed: {message}")
-            self.session.log(f"Latency failed: {message}", ERROR)
-            if job.traceback:
-                self.session.log(job.traceback, DETAIL)
+            self.session.log_failure("Latency failed", message, job.traceback)
             self.error.emit("Latency failed", message)
             self._update_controls()
 

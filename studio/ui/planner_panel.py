@@ -35,7 +35,7 @@ from studio.ui.planner_state import PlannerState
 from studio.ui.planner_table import PlannerTable
 from studio.ui.runner import Job, JobRunner
 from studio.ui.scan_controls import narrow_combo
-from studio.ui.session import DETAIL, ERROR, WARNING, Session
+from studio.ui.session import WARNING, Session
 
 SUMMARY_MS = 80
 STRATEGIES = ("sensitivity", "global", "uniform")
@@ -367,9 +367,7 @@ class PlannerPanel(PlannerRecipes, QWidget):
             self._update_buttons()
 
     def _fail(self, title: str, message: str, trace: str = "") -> None:
-        self.session.log(f"{title}: {message}", ERROR)
-        if trace:
-            self.session.log(trace, DETAIL)
+        self.session.log_failure(title, message, trace)
         self.error.emit(title, message)
 
     # --- view ----------------------------------------------------------------------------

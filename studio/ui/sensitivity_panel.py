@@ -35,7 +35,7 @@ from studio.ui import format as fmt
 from studio.ui.heatmap import HeatmapView
 from studio.ui.runner import Job, JobRunner
 from studio.ui.scan_controls import ScanControls, ratios_text
-from studio.ui.session import DETAIL, ERROR, WARNING, Session
+from studio.ui.session import WARNING, Session
 
 REDRAW_MS = 50
 CURVE_HINT = "Click a row to see its curve"
@@ -285,9 +285,7 @@ class SensitivityPanel(QWidget):
 
     def _fail(self, title: str, message: str, trace: str = "") -> None:
         self.status.setText(f"{title}: {message}")
-        self.session.log(f"{title}: {message}", ERROR)
-        if trace:
-            self.session.log(trace, DETAIL)
+        self.session.log_failure(title, message, trace)
         self.error.emit(title, message)
 
     # --- view ----------------------------------------------------------------------------

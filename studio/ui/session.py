@@ -127,6 +127,13 @@ class Session(QObject):
         self._finetuned = result
         self.finetuned_changed.emit(result)
 
+    def log_failure(self, title: str, message: str, trace: str = "") -> None:
+        """A failed job in the log: the one-line message, and the traceback of an unexpected
+        error as a detail line (never in a dialog)."""
+        self.log(f"{title}: {message}", ERROR)
+        if trace:
+            self.log(trace, DETAIL)
+
     def log(self, text: str, level: str = INFO) -> None:
         """Add a line to the session log (shown by the log panel, timestamped)."""
         self.logged.emit(time.time(), level, text)

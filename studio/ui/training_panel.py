@@ -42,7 +42,7 @@ from studio.core.train_types import RESUMABLE_CHANGES, FinetuneResult, TrainReco
 from studio.ui import charts
 from studio.ui import format as fmt
 from studio.ui.runner import Job, JobRunner
-from studio.ui.session import DETAIL, ERROR, WARNING, Session
+from studio.ui.session import WARNING, Session
 from studio.ui.training_charts import TrainingCharts
 from studio.ui.training_form import TrainingForm
 
@@ -354,9 +354,7 @@ class TrainingPanel(QWidget):
 
     def _fail(self, title: str, message: str, trace: str = "") -> None:
         self.status.setText(f"{title}: {message}")
-        self.session.log(f"{title}: {message}", ERROR)
-        if trace:
-            self.session.log(trace, DETAIL)
+        self.session.log_failure(title, message, trace)
         self.error.emit(title, message)
 
     # ---- text ---------------------------------------------------------------------------
