@@ -89,6 +89,16 @@ def demo_splits() -> tuple[DataSet, DataSet]:
     return train, val
 
 
+def matching_training_split(data: DataSet) -> DataSet | None:
+    """The demo's training split when ``data`` is the demo's validation split (so that batch
+    norms are re-estimated, and models trained, on other images than those measured), else
+    None."""
+    train, val = demo_splits()
+    if len(data) == len(val) and data.name == val.name and data.fingerprint() == val.fingerprint():
+        return train
+    return None
+
+
 def load_data(
     spec: str,
     image_size: tuple[int, int] | None = None,

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.allocate import CostModel, allocate
+from studio.core.data import matching_training_split
 from studio.core.jobs import CancelToken, ProgressFn
 from studio.core.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
 from studio.core.prune import prune
@@ -291,8 +292,10 @@ class PlannerPanel(PlannerRecipes, QWidget):
             self._fail("Data needed", f"the {plan.criterion} criterion needs data: open some")
             return None
 
+        calibration = matching_training_split(data) if data is not None else None
+
         def work(progress: ProgressFn, cancel: CancelToken) -> Any:
-            return prune(model, plan, data, progress, cancel)
+            return prune(model, plan, data, progress, cancel, calibration=calibration)
 
         self.session.log(
             f"Pruning {model.name}: {plan.method}, {plan.criterion}, {len(plan.active())} targets"

@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.data import DataSet, demo_splits
+from studio.core.data import DataSet, matching_training_split
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.finetune import FinetuneJob, holdout_split
@@ -56,8 +56,8 @@ def training_split(data: DataSet) -> tuple[DataSet, DataSet, str]:
     The demo's validation split trains on the demo's training split; any other data set is
     split 80/20 with a fixed shuffle, the 20 % held out for validation.
     """
-    train, val = demo_splits()
-    if data.name == val.name and data.fingerprint() == val.fingerprint():
+    train = matching_training_split(data)
+    if train is not None:
         return train, data, f"trains on {train.name} ({len(train):,}), validates on {data.name}"
     fit, held = holdout_split(data)
     return (

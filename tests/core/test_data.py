@@ -87,3 +87,12 @@ def test_broken_image_is_named(tmp_path) -> None:
 def test_labels_must_match_inputs() -> None:
     with pytest.raises(StudioError):
         DataSet(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), "t")
+
+
+def test_matching_training_split_only_for_the_demo_validation_split() -> None:
+    from studio.core.data import matching_training_split
+
+    train, val = demo_splits()
+    assert matching_training_split(val) is train
+    assert matching_training_split(val.subset(100)) is None
+    assert matching_training_split(train) is None

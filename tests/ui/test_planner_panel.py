@@ -127,6 +127,12 @@ def test_apply_compare_sparsity_and_revert(qtbot, planner: PlannerPanel, demo) -
     result = done.args[0]
     assert result.params_after < result.params_before
     assert sum(p.numel() for p in result.module.parameters()) == result.params_after
+    assert any("96 samples" in note for note in result.notes)  # BN re-estimated on the data
+    planner.session.set_data(demo_splits()[1])  # the demo's validation split: BN on training
+    with qtbot.waitSignal(planner.session.pruned_changed, timeout=120_000) as done:
+        planner.apply_button.click()
+    assert any("1,437 samples of digits (train)" in note for note in done.args[0].notes)
+    planner.session.set_data(demo[2])
     assert model.fingerprint() == fingerprint  # the loaded model was not touched
     assert compare.table.rowCount() > 20 and "→" in compare.header.text()
     assert any(after < before for *_, before, after in compare.rows)
