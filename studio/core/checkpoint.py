@@ -24,18 +24,18 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
+from studio.core.pruned_file import apply_attributes, layer_attributes, place_tensors
 from studio.core.train_types import FinetuneSettings
 
 FORMAT_KEY = "studio_checkpoint"
 FORMAT_VERSION = 1
 LAST, BEST = "last.pt", "best.pt"
-_PLAIN = (int, float, bool, str, type(None))
 
 
 def model_state(module: nn.Module) -> dict[str, Any]:
     """Shapes (plain layer attributes) and tensors of ``module``, copied to the CPU."""
     return {
-        "attributes": {name: _attributes(mod) for name, mod in module.named_modules()},
+        "attributes": {name: layer_attributes(mod) for name, mod in module.named_modules()},
         "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
     }
 
@@ -48,27 +48,12 @@ def restore_model(module: nn.Module, state: dict[str, Any], source: str) -> None
         tensors: dict = state["state_dict"]
     except (KeyError, TypeError):
         raise StudioError(f"{source} is a damaged checkpoint (no model state)") from None
-    mods = dict(module.named_modules())
-    for name, attrs in attributes.items():
-        mod = mods.get(name)
-        if mod is None:
-            raise StudioError(f"{source} does not fit this model: it has no layer {name!r}")
-        for key, value in attrs.items():
-            if key in vars(mod):
-                setattr(mod, key, value)
+    apply_attributes(module, attributes, f"{source} does not fit this model")
     expected = set(module.state_dict())
     if expected != set(tensors):
         odd = sorted(expected ^ set(tensors))[:3]
         raise StudioError(f"{source} does not fit this model: weights {odd} differ")
-    for key, tensor in tensors.items():
-        owner, _, attr = key.rpartition(".")
-        mod = module.get_submodule(owner)
-        if attr in mod._parameters:
-            old = mod._parameters[attr]
-            grad = old.requires_grad if old is not None else True
-            mod._parameters[attr] = nn.Parameter(tensor.clone(), requires_grad=grad)
-        else:
-            mod._buffers[attr] = tensor.clone()
+    place_tensors(module, {key: tensor.clone() for key, tensor in tensors.items()})
 
 
 def save_checkpoint(folder: Path, name: str, payload: dict[str, Any]) -> Path:
@@ -145,15 +130,3 @@ def prepare_folder(folder: Path) -> Path:
             )
         folder.mkdir()
     return folder
-
-
-def _attributes(mod: nn.Module) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in vars(mod).items()
-        if not k.startswith("_")
-        and (
-            isinstance(v, _PLAIN)
-            or (isinstance(v, (tuple, list)) and all(isinstance(i, _PLAIN) for i in v))
-        )
-    }

@@ -64,7 +64,7 @@ def _rebuildable(model: LoadedModel, path: Path) -> bytes:
         "input_shape": list(model.input_shape),
         "name": model.name,
         "removed_blocks": removed_blocks(module),
-        "attributes": {name: _attributes(mod) for name, mod in module.named_modules()},
+        "attributes": {name: layer_attributes(mod) for name, mod in module.named_modules()},
         "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
     }
     buffer = io.BytesIO()
@@ -72,7 +72,7 @@ def _rebuildable(model: LoadedModel, path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _attributes(mod: nn.Module) -> dict[str, Any]:
+def layer_attributes(mod: nn.Module) -> dict[str, Any]:
     """The plain public attributes of a layer: sizes, groups, flags (no tensors, no code)."""
     return {
         k: v
@@ -130,14 +130,7 @@ def load_pruned(obj: dict, path: Path, input_shape: tuple[int, ...] | None = Non
     module = zoo.build(arch, input_shape=shape)
     for name in blocks:
         remove_block(module, name)
-    mods = dict(module.named_modules())
-    for name, attrs in attributes.items():
-        mod = mods.get(name)
-        if mod is None:
-            raise StudioError(f"{path.name} does not fit {arch}: it has no layer {name!r}")
-        for key, value in attrs.items():
-            if key in vars(mod):
-                setattr(mod, key, value)
+    apply_attributes(module, attributes, f"{path.name} does not fit {arch}")
     _load_tensors(module, state, path, arch)
     loaded = LoadedModel(
         module.eval(),
@@ -167,6 +160,26 @@ def _load_tensors(module: nn.Module, state: dict, path: Path, arch: str) -> None
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise StudioError(f"{path.name}: {key} is not a tensor")
+    place_tensors(module, state)
+
+
+def apply_attributes(module: nn.Module, attributes: dict, misfit: str) -> None:
+    """Give each named layer its saved plain attributes (sizes after pruning); ``misfit``
+    starts the error when the module has no such layer."""
+    mods = dict(module.named_modules())
+    for name, attrs in attributes.items():
+        mod = mods.get(name)
+        if mod is None:
+            raise StudioError(f"{misfit}: it has no layer {name!r}")
+        for key, value in attrs.items():
+            if key in vars(mod):
+                setattr(mod, key, value)
+
+
+def place_tensors(module: nn.Module, tensors: dict) -> None:
+    """Put tensors in place by state_dict key, whatever their shapes (the layers were
+    resized); parameters keep their requires_grad."""
+    for key, tensor in tensors.items():
         owner, _, attr = key.rpartition(".")
         mod = module.get_submodule(owner)
         if attr in mod._parameters:
