@@ -10,10 +10,10 @@ layers away. :func:`machine_profile` turns this machine's micro-benchmarks into 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from studio.core.costs import CostModel
@@ -53,27 +53,14 @@ class DeviceEstimator:
         cls, model: LoadedModel, batch: int = 1, cost: CostModel | None = None
     ) -> DeviceEstimator:
         module = model.module
-        _shapes, macs = trace_layers(module, model.example_input())
-        sizes: dict[str, tuple[int, int]] = {}
-        names = {m: n for n, m in module.named_modules()}
-
-        def hook(mod: nn.Module, inputs: tuple, out: object) -> None:
-            first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            tensor = out[0] if isinstance(out, tuple | list) and out else out
-            if first is not None and isinstance(tensor, torch.Tensor):
-                sizes.setdefault(names[mod], (first.numel(), tensor.numel()))
-
+        inputs: dict[str, tuple[int, ...]] = {}
+        outputs, macs = trace_layers(module, model.example_input(), inputs)
         rows_of = layer_rows(module, macs)
-        handles = [mod.register_forward_hook(hook) for _, mod in rows_of]
-        try:
-            with torch.no_grad():
-                module(model.example_input())
-        finally:
-            for h in handles:
-                h.remove()
         rows = []
         for name, mod in rows_of:
-            n_in, n_out = sizes.get(name, (0, 0))
+            known = name in inputs and name in outputs
+            n_in = math.prod(inputs[name]) if known else 0
+            n_out = math.prod(outputs[name]) if known else 0
             weights = sum(p.numel() for p in mod.parameters(recurse=False))
             if not macs.get(name) and not weights:
                 continue

@@ -152,9 +152,12 @@ class _MacCounter(TorchDispatchMode):
 
 
 def trace_layers(
-    module: nn.Module, x: torch.Tensor
+    module: nn.Module,
+    x: torch.Tensor,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Output shape and own MACs of every module, from one forward pass."""
+    """Output shape and own MACs of every module, from one forward pass; with
+    ``input_shapes``, the shape of each module's first input is put there too."""
     names = {m: n for n, m in module.named_modules()}
     shapes: dict[str, tuple[int, ...]] = {}
     extra: dict[str, int] = {}
@@ -170,6 +173,8 @@ def trace_layers(
         tensor = out[0] if isinstance(out, (tuple, list)) and out else out
         if isinstance(tensor, torch.Tensor):
             shapes.setdefault(name, tuple(tensor.shape))
+            if input_shapes is not None and inputs and isinstance(inputs[0], torch.Tensor):
+                input_shapes.setdefault(name, tuple(inputs[0].shape))
             if isinstance(mod, NORM_TYPES):
                 extra[name] = extra.get(name, 0) + tensor.numel()
             elif type(mod) in RNN_GATES and inputs and isinstance(inputs[0], torch.Tensor):

@@ -33,6 +33,7 @@ from torch import nn
 from studio.core.costs import CostModel
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
+from studio.core.inventory import trace_layers
 from studio.core.jobs import CancelToken, ProgressFn, check, report, sub_progress
 from studio.core.latency import _check, torch_threads
 from studio.core.latency_fit import fit_model
@@ -287,24 +288,13 @@ class LatencyPredictor:
 def _layers(model: LoadedModel, cost: CostModel, batch: int, runtime: str) -> list[_Layer]:
     """Every Conv2d and Linear with its configuration, channels and the rows that change them."""
     module = model.module
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    names = {m: n for n, m in module.named_modules()}
-
-    def hook(mod: nn.Module, inputs: tuple, out: object) -> None:
-        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            shapes.setdefault(names[mod], (tuple(inputs[0].shape), tuple(out.shape)))
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in module.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
-    ]
-    try:
-        with torch.no_grad():
-            module(model.example_input())
-    finally:
-        for h in handles:
-            h.remove()
+    inputs: dict[str, tuple[int, ...]] = {}
+    outputs, _ = trace_layers(module, model.example_input(), inputs)
+    shapes = {
+        name: (inputs[name], outputs[name])
+        for name, mod in module.named_modules()
+        if isinstance(mod, nn.Conv2d | nn.Linear) and name in inputs and name in outputs
+    }
     rows = {n: i for i, n in enumerate(cost.rows)}
     r_max = np.full(len(cost.names), 0.99)
     outs, ins = cost.channels_vector(r_max) if cost.rows else (np.zeros(0), np.zeros(0))
