@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything Pruning Studio needs into ./.venv (idempotent; safe to re-run).
 #   bash packaging/install.sh          # the studio
-#   bash packaging/install.sh --test   # the studio plus the test tools
+#   bash packaging/install.sh --test   # the studio plus the test tools (and Ray, which they cover)
+#   bash packaging/install.sh --ray    # the studio plus Ray, for scans and fine-tuning on a cluster
 # Debian packages for a real Qt window / Xvfb are installed when missing (root or sudo).
 # torch comes from the CPU wheel (torch==2.13.0); set STUDIO_TORCH to install another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+[ "${1:-}" = "--test" ] && extras="[test,ray]"
+[ "${1:-}" = "--ray" ] && extras="[ray]"
 
 debs=(xvfb xauth libxcb-cursor0 libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0
       libxcb-render-util0 libxcb-image0 libxcb-randr0 libxcb-xinerama0 libegl1 libgl1 libfontconfig1
