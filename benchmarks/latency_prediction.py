@@ -2,7 +2,7 @@
 structured plans per model (random per-group ratios), at batch 1 and 32.
 
     python benchmarks/latency_prediction.py [--models demo,zoo:mobilenetv2] [--plans 30]
-        [--threads 1] [--repeats 3]
+        [--threads 1] [--repeats 5] [--seed 1234] [--no-fit]
 
 Each pruned model is timed side by side with the unpruned one (alternating blocks, so both see
 the same load on a shared machine) in ``--repeats`` passes over all plans (a plan's repeats are
@@ -43,6 +43,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=0.3, help="seconds per timing round")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--no-fit", action="store_true", help="the table alone, no model fit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -52,7 +53,9 @@ def main() -> int:
         predictors = {}
         for batch in batches:
             began = time.perf_counter()
-            predictors[batch] = LatencyPredictor.build(model, batch=batch, threads=args.threads)
+            predictors[batch] = LatencyPredictor.build(
+                model, batch=batch, threads=args.threads, fit=not args.no_fit
+            )
             p = predictors[batch]
             print(
                 f"{spec} batch {batch}: predictor built in {time.perf_counter() - began:.1f}s "

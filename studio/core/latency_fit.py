@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 FIT_RATIOS = (0.0, 0.25, 0.5)  # uniform variants measured for the fit, plus FIT_RANDOM plans
 FIT_RANDOM = 6
-FIT_TERMS = 4  # at most this many of the fit's 5 terms (9 measured variants)
 FIT_BUDGET_S = 1.0  # seconds of side-by-side timing for the fit, per pass
 FIT_PASSES = 3
 
@@ -59,8 +58,8 @@ def fit_model(
     measured = np.median(np.array(passes), axis=0)
     rows = []
     for r in vectors:
-        t, a, plain = predictor._features(r)
-        rows.append([t[~plain].sum(), t[plain].sum(), a.sum() * 1e-6, plain.sum(), 1.0])
+        times, extra = predictor._features(r)
+        rows.append([times.sum(), extra, 1.0])
     features = np.array(rows)
     coef = least_squares(features, measured)
     error = float(np.max(np.abs(features @ coef / measured - 1.0)))
@@ -69,16 +68,17 @@ def fit_model(
 
 
 def least_squares(features: np.ndarray, measured: np.ndarray) -> np.ndarray:
-    """Relative least squares over column subsets of at most :data:`FIT_TERMS` terms, the
-    scales and per-layer terms >= 0; the constant may be negative (the micro-benchmarks' kernel
-    times carry the profiler's own cost per node, which a real run does not pay)."""
+    """Relative least squares of ``measured = a * layers + e * extra nodes + b`` over the
+    subsets of terms that keep the scales >= 0 (the layers' scale always in); the constant may
+    be negative (the micro-benchmarks' kernel times carry the profiler's own cost per node,
+    which a real run does not pay). A model whose variants add no extra nodes keeps ``e = a``."""
     w = 1.0 / measured
     n = features.shape[1]
     best, best_err = None, float("inf")
-    for size in range(min(n, FIT_TERMS), 0, -1):
+    for size in range(n, 0, -1):
         for cols in itertools.combinations(range(n), size):
             sub = features[:, cols] * w[:, None]
-            if not sub.any(axis=0).all() or not {0, 1} & set(cols):
+            if 0 not in cols or not sub.any(axis=0).all():
                 continue
             sol, *_ = np.linalg.lstsq(sub, np.ones_like(measured), rcond=None)
             coef = np.zeros(n)
@@ -90,11 +90,8 @@ def least_squares(features: np.ndarray, measured: np.ndarray) -> np.ndarray:
                 best, best_err = coef, err
     if best is None:
         return np.array([1.0, 1.0] + [0.0] * (n - 2))
-    # a table whose regime no variant reached keeps the other's scale
     if best[1] == 0 and not features[:, 1].any():
         best[1] = best[0]
-    if best[0] == 0 and not features[:, 0].any():
-        best[0] = best[1]
     return best
 
 

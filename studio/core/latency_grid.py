@@ -7,39 +7,55 @@ from bisect import bisect_right
 
 import numpy as np
 
-from studio.core.latency_micro import NCHWC_BLOCK
+from studio.core.latency_layout import conv_runs_nchwc, nchwc_block
 
 GRID = 4  # channel counts measured per dimension (ends included)
-BLOCK = NCHWC_BLOCK
+BLOCK = nchwc_block()
 
 
 def regime(op: str, c_in: float, c_out: float) -> str:
-    """Which kernel ONNX Runtime's CPU provider runs (its NCHWc transformer's rules, and the
-    4-wide vectors of its plain kernels): ``c`` NCHWc blocks (output channels padded to 8),
-    ``d`` NCHWc output from a plain input of fewer than 8 channels, ``q`` plain NCHW with
-    input channels (depthwise: output channels) a multiple of 4, ``n`` plain NCHW otherwise,
-    ``l`` a linear layer."""
+    """Which kernel ONNX Runtime's CPU provider runs (its NCHWc transformer's rule,
+    :func:`studio.core.latency_layout.conv_runs_nchwc`): ``c`` NCHWc (input and output
+    channels padded to whole blocks), ``d`` NCHWc output from a plain input of fewer channels
+    than a block, ``n`` plain NCHW (im2col and GEMM at the exact counts), ``l`` a linear
+    layer."""
     if op == "linear":
         return "l"
-    channels = c_out if op == "dwconv" else c_in
-    if op == "conv" and c_in < BLOCK:
-        return "d"
-    if channels % BLOCK == 0:
-        return "c"
-    return "q" if channels % 4 == 0 else "n"
+    if op == "dwconv":
+        return "c" if conv_runs_nchwc(int(c_out), int(c_out), int(c_out), BLOCK) else "n"
+    if not conv_runs_nchwc(int(c_in), int(c_out), 1, BLOCK):
+        return "n"
+    return "d" if c_in < BLOCK else "c"
+
+
+def pad(c: float) -> int:
+    return -(-int(c) // BLOCK) * BLOCK
+
+
+def coordinates(op: str, kind: str, c_in: float, c_out: float) -> tuple[float, float]:
+    """Where a layer with these counts lies in its regime's grid: NCHWc kernels cost the same
+    at every count that pads to the same blocks."""
+    x = 0.0 if op == "dwconv" else float(c_in)
+    if kind == "c":
+        return (float(pad(c_in)) if x else 0.0), float(pad(c_out))
+    if kind == "d":
+        return x, float(pad(c_out))
+    return x, float(c_out)
 
 
 def spread(lo: float, hi: float, count: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(lo, hi, max(1, min(count, int(hi - lo) + 1)))))
 
 
-def plain(top: int, kind: str) -> np.ndarray:
-    """Channel counts of regime ``n`` (not a multiple of 4) or ``q`` (4 mod 8) up to ``top``."""
-    if kind == "q":
-        ks = spread(1, max(1, (top - 4) // BLOCK), GRID)
-        return ks * BLOCK + 4
+def plain(top: int) -> np.ndarray:
+    """Channel counts of the plain regime (not a multiple of 4, at least a block) up to
+    ``top``."""
     values = spread(BLOCK + 1, max(BLOCK + 1, top - 1), GRID + 1)
     return np.unique(np.where(values % 4 == 0, values - 1, values))
+
+
+def blocks(top: int) -> np.ndarray:
+    return spread(1, np.ceil(top / BLOCK), GRID) * BLOCK
 
 
 def grids(op: str, c_in: int, c_out: int, fixed_in: bool, fixed_out: bool) -> dict:
@@ -47,10 +63,8 @@ def grids(op: str, c_in: int, c_out: int, fixed_in: bool, fixed_out: bool) -> di
 
     def outs(kind: str) -> np.ndarray:
         if fixed_out:
-            return np.array([float(c_out)])
-        if kind in ("n", "q"):
-            return spread(1, c_out, GRID)
-        return spread(1, np.ceil(c_out / BLOCK), GRID) * BLOCK
+            return np.array([coordinates(op, kind, c_in, c_out)[1]])
+        return spread(1, c_out, GRID) if kind in ("n", "l") else blocks(c_out)
 
     if op == "linear":
         ins = np.array([float(c_in)]) if fixed_in else spread(1, c_in, GRID)
@@ -58,25 +72,21 @@ def grids(op: str, c_in: int, c_out: int, fixed_in: bool, fixed_out: bool) -> di
     zero = np.array([0.0])
     if op == "dwconv":
         if fixed_out:
-            return {regime(op, c_in, c_out): (zero, np.array([float(c_out)]))}
-        grids = {"c": (zero, spread(1, np.ceil(c_out / BLOCK), GRID) * BLOCK)}
+            kind = regime(op, c_in, c_out)
+            return {kind: (zero, outs(kind))}
+        found = {"c": (zero, blocks(c_out))}
         if c_out > BLOCK + 1:
-            grids["n"] = (zero, plain(c_out, "n"))
-        if c_out > BLOCK + 4:
-            grids["q"] = (zero, plain(c_out, "q"))
-        grids["q"] = grids.get("q", (zero, np.array([4.0])))
-        return grids
+            found["n"] = (zero, plain(c_out))
+        return found
     if fixed_in:
         kind = regime(op, c_in, c_out)
-        return {kind: (np.array([float(c_in)]), outs(kind))}
-    grids = {"d": (np.array([1.0, BLOCK - 1.0]), outs("d"))}
+        return {kind: (np.array([coordinates(op, kind, c_in, c_out)[0]]), outs(kind))}
+    found = {"d": (np.array([1.0, BLOCK - 1.0]), outs("d"))}
     if c_in >= BLOCK:
-        grids["c"] = (spread(1, c_in // BLOCK, GRID) * BLOCK, outs("c"))
+        found["c"] = (blocks(c_in), outs("c"))
     if c_in > BLOCK + 1:
-        grids["n"] = (plain(c_in, "n"), outs("n"))
-    if c_in > BLOCK + 4:
-        grids["q"] = (plain(c_in, "q"), outs("q"))
-    return grids
+        found["n"] = (plain(c_in), outs("n"))
+    return found
 
 
 def bilinear(
@@ -101,3 +111,9 @@ def segment(xs: list[float], x: float) -> tuple[int, float]:
     i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
     lo, hi = xs[i], xs[i + 1]
     return i, (x - lo) / (hi - lo)
+
+
+def linear(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear interpolation of ``ys`` over ``xs`` (extrapolated at the ends)."""
+    i, t = segment(xs, x)
+    return ys[i] if len(xs) == 1 else ys[i] * (1 - t) + ys[i + 1] * t

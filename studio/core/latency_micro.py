@@ -4,7 +4,8 @@ A layer configuration (:class:`LayerConfig`: operator, kernel, stride, input siz
 timed at a few channel counts. In ONNX Runtime the layer is a one-node model (Conv + Relu, or
 Gemm) and its time is the kernel time ONNX Runtime's profiler gives the node (the reorders
 into and out of the NCHWc layout that a one-layer model needs, but a chain of convolutions
-does not, are left out); in PyTorch it is the layer's forward pass, timed.
+does not, are left out: :func:`time_nodes` times them, and the additions and activations that
+do not fuse, on their own); in PyTorch it is the layer's forward pass, timed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 RUNS = 24
-NCHWC_BLOCK = 8  # ONNX Runtime's CPU convolutions pad channels to blocks of 8 (AVX2)
+NODE_MODELS = {"reorder": ("ReorderInput", "ReorderOutput"), "elementwise": ("Add", "Relu")}
 
 
 @dataclass(frozen=True)
@@ -91,25 +92,63 @@ def _input(cfg: LayerConfig, c_in: int, c_out: int) -> np.ndarray:
 
 def time_onnx(cfg: LayerConfig, c_in: int, c_out: int, threads: int, runs: int = RUNS) -> float:
     """Kernel time in ms of the layer's main node in ONNX Runtime (trimmed mean of ``runs``)."""
+    events = _profile(_onnx_model(cfg, c_in, c_out), _input(cfg, c_in, c_out), threads, runs)
+    # the main node of each run (Conv/Gemm with the Relu fused, or both when not fused)
+    values = _per_run(events, runs)
+    return _trimmed(values) if values else 0.0
+
+
+def time_nodes(model: str, elements: int, threads: int, runs: int = RUNS) -> dict[str, float]:
+    """Kernel time in ms of each node of ``model`` (:data:`NODE_MODELS`: a ReorderInput into
+    NCHWc and a ReorderOutput back, or an Add and a Relu) on a tensor of ``elements`` floats."""
+    from onnx import TensorProto, helper
+
+    if model == "reorder":
+        domain = "com.microsoft.nchwc"
+        nodes = [
+            helper.make_node("ReorderInput", ["x"], ["r"], domain=domain),
+            helper.make_node("ReorderOutput", ["r"], ["z"], domain=domain, channels=16),
+        ]
+    else:
+        nodes = [helper.make_node("Add", ["x", "x"], ["s"]), helper.make_node("Relu", ["s"], ["z"])]
+    graph = helper.make_graph(
+        nodes,
+        model,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft.nchwc", 1)]
+    proto = helper.make_model(graph, opset_imports=opsets)
+    proto.ir_version = 8
+    x = np.random.default_rng(1).standard_normal((1, 16, 1, max(1, elements // 16)), np.float32)
+    events = _profile(proto.SerializeToString(), x, threads, runs, optimize=False)
+    times: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "")
+            times.setdefault(op, []).append(event.get("dur", 0) / 1e3)
+    return {op: _trimmed(times.get(op, [0.0])[-runs:]) for op in NODE_MODELS[model]}
+
+
+def _profile(
+    model: bytes, x: np.ndarray, threads: int, runs: int, optimize: bool = True
+) -> list[dict]:
+    """ONNX Runtime's profiler events of ``runs`` runs (after 3 warm-up runs) of ``model``."""
     import onnxruntime as ort
 
-    x = _input(cfg, c_in, c_out)
     with tempfile.TemporaryDirectory(prefix="studio-micro-") as folder:
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4
         options.intra_op_num_threads = threads
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "micro")
-        sess = ort.InferenceSession(
-            _onnx_model(cfg, c_in, c_out), options, providers=["CPUExecutionProvider"]
-        )
+        sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         for _ in range(runs + 3):
             sess.run(None, {"x": x})
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    # the main node of each run (Conv/Gemm with the Relu fused, or both when not fused)
-    values = _per_run(events, runs)
-    return _trimmed(values) if values else 0.0
+        return json.loads(Path(sess.end_profiling()).read_text())
 
 
 def _per_run(events: list[dict], runs: int) -> list[float]:

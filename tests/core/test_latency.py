@@ -134,7 +134,7 @@ def test_fit_is_cached(monkeypatch):
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     first = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
-    assert (first.coef[:4] >= 0).all() and first.measured_ms > 0  # the constant may be < 0
+    assert (first.coef[:2] >= 0).all() and first.measured_ms > 0  # the constant may be < 0
     again = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
     assert again.calibrated_points == 0 and list(again.coef) == list(first.coef)
 
