@@ -45,12 +45,11 @@ from studio.core.jobs import CancelToken, PauseToken, ProgressFn, check, report
 from studio.core.models import LoadedModel
 from studio.core.train_gradual import GradualPruner
 from studio.core.train_parts import (
-    apply_masks,
     capture_masks,
     holdout_split,
     logits_of,
     make_optimizer,
-    training_loss,
+    train_step,
     val_metrics,
     weight_sparsity,
 )
@@ -216,16 +215,9 @@ class FinetuneJob:
                 xb = augment(x_all[idx], s, generator, background)
                 yb = y_all[idx] if y_all is not None else None
                 lr = base_lr * lr_factor(s, step, self.steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = self._loss(module, teacher, xb, yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                apply_masks(module, masks, grads=True)
-                optimizer.step()
-                apply_masks(module, masks)
+                loss = train_step(module, teacher, optimizer, masks, xb, yb, lr, s)
                 step += 1
-                window_loss += float(loss.detach()) * len(idx)
+                window_loss += float(loss) * len(idx)
                 window_samples += len(idx)
                 window_time += time.perf_counter() - tick
                 if (i + 1) % log_every == 0 or i == self.steps_per_epoch - 1:
@@ -306,20 +298,6 @@ class FinetuneJob:
                 f"the teacher's outputs {tuple(ref.shape[1:])} do not match the student's "
                 f"{tuple(out.shape[1:])}"
             )
-
-    def _loss(
-        self,
-        module: nn.Module,
-        teacher: nn.Module | None,
-        xb: torch.Tensor,
-        yb: torch.Tensor | None,
-    ) -> torch.Tensor:
-        out = logits_of(module(xb))
-        if teacher is None:
-            return training_loss(out, yb, None, self.settings)
-        with torch.no_grad():
-            ref = logits_of(teacher(xb))
-        return training_loss(out, yb, ref, self.settings)
 
     def _evaluate(
         self,

@@ -1,9 +1,12 @@
 """Pieces of the training loop: the optimizer, the loss (labels blended with distillation),
-validation metrics, the masks that keep pruned weights at zero, weight sparsity, and a
-held-out validation split."""
+one optimizer step, validation metrics, the masks that keep pruned weights at zero, weight
+sparsity, and a held-out validation split. The in-process loop (:mod:`studio.core.finetune`)
+and the Ray workers' loop (:mod:`studio.core.finetune_ray_worker`) both step through
+:func:`train_step`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,6 +83,53 @@ def training_loss(
         )
         loss = loss + weight * t * t * kd
     return loss
+
+
+def batch_loss(
+    forward: Callable[[torch.Tensor], Any],
+    teacher: nn.Module | None,
+    xb: torch.Tensor,
+    yb: torch.Tensor | None,
+    settings: FinetuneSettings,
+) -> torch.Tensor:
+    """:func:`training_loss` of the model (``forward``) on one batch, with the teacher's
+    outputs as the reference when there is a teacher."""
+    out = logits_of(forward(xb))
+    if teacher is None:
+        return training_loss(out, yb, None, settings)
+    with torch.no_grad():
+        ref = logits_of(teacher(xb))
+    return training_loss(out, yb, ref, settings)
+
+
+def train_step(
+    module: nn.Module,
+    teacher: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    masks: dict[str, torch.Tensor],
+    xb: torch.Tensor,
+    yb: torch.Tensor | None,
+    lr: float,
+    settings: FinetuneSettings,
+    forward: Callable[[torch.Tensor], Any] | None = None,
+    weight: float = 1.0,
+) -> torch.Tensor:
+    """One optimizer step of ``module`` at learning rate ``lr``; returns the batch's loss.
+
+    Masked weights get no gradient and are zeroed again after the step. ``forward`` runs
+    the model (default ``module`` itself; a data-parallel wrapper of it on Ray workers) and
+    ``weight`` scales the loss before the backward pass (a worker's share of the global batch,
+    so the averaged gradients are those of the global batch's mean loss).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = batch_loss(forward or module, teacher, xb, yb, settings)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight if weight != 1.0 else loss).backward()
+    apply_masks(module, masks, grads=True)
+    optimizer.step()
+    apply_masks(module, masks)
+    return loss.detach()
 
 
 def holdout_split(data: DataSet, fraction: float = 0.2, seed: int = 0) -> tuple[DataSet, DataSet]:
