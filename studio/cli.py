@@ -96,7 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--method", default="exact", choices=("exact", "naive", "taylor"))
     sc.add_argument("--criterion", default="l2", choices=("l1", "l2", "apoz", "activation"))
     sc.add_argument("--batch-size", type=int, default=256)
-    sc.add_argument("--workers", type=int, help="threads for exact scans (default: all cores)")
+    sc.add_argument(
+        "--workers",
+        type=int,
+        help="threads for exact scans (default: all cores); with --ray, Ray workers "
+        "(default: the cluster's CPUs)",
+    )
+    sc.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run on Ray: local (start one on this machine), auto (the cluster this machine "
+        "joined), ray://HOST:PORT or HOST:PORT",
+    )
     sc.add_argument("--no-cache", action="store_true", help="measure everything again")
     sc.add_argument("--out", metavar="FILE.csv|FILE.json", help="write the table")
     sc.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -246,7 +257,21 @@ def cmd_scan(args: argparse.Namespace) -> int:
     settings = ScanSettings(args.mode, metric, args.method, ratios, args.criterion, args.batch_size)
     if args.out and not args.out.lower().endswith((".csv", ".json")):
         raise StudioError(f"--out must end in .csv or .json, got {args.out}")
-    job = SensitivityScan(model, data, settings, use_cache=not args.no_cache, workers=args.workers)
+    if args.ray:  # checked now; Ray is started or joined once there are rows to measure
+        from studio.core.cluster import check_address, require_ray
+
+        require_ray()
+        check_address(args.ray)
+        if settings.method == "taylor":
+            print("taylor is one gradient pass: it runs in this process", file=sys.stderr)
+    job = SensitivityScan(
+        model,
+        data,
+        settings,
+        use_cache=not args.no_cache,
+        workers=args.workers,
+        ray_address=args.ray,
+    )
     job.prepare(progress=TerminalProgress("preparing"))
     started = time.monotonic()
     for _ in job.run(progress=TerminalProgress("scanning")):
@@ -274,6 +299,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         "baseline": result.baseline.value(metric),
         "failed": sum(1 for r in result.rows if r.error),
         "out": args.out,
+        "ran_on": job.ray_stats.where if job.ray_stats is not None else "this process",
     }
     if args.json:
         print(json.dumps(summary))
@@ -287,6 +313,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     for name, row in zip(names, grid):
         print(f"{name:<32}" + "".join(f"{v:>8.4f}" for v in row))
     print(f"{len(result.rows)} rows in {seconds:.1f}s ({result.cached_rows} from the cache)")
+    if job.ray_stats is not None:
+        stats = job.ray_stats
+        print(f"ran on {stats.where} with {stats.workers} worker{'s' * (stats.workers > 1)}")
     return 0
 
 
@@ -381,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    before = _ray_connection()
     try:
         return COMMANDS[args.command](args)
     except StudioError as exc:
@@ -399,3 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if _ray_connection() is not before:  # Ray started or joined for this command
+            sys.modules["studio.core.cluster"].Cluster.shutdown()
+
+
+def _ray_connection() -> object:
+    cluster = sys.modules.get("studio.core.cluster")
+    return cluster.Cluster._current if cluster is not None else None

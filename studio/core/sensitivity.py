@@ -52,10 +52,17 @@ class SensitivityScan:
         settings: ScanSettings,
         use_cache: bool = True,
         workers: int | None = None,
+        ray_address: str | None = None,
     ) -> None:
         self.model = model
-        # exact scans split targets across threads, one model replica each (both cores)
+        # exact scans split targets across threads, one model replica each (both cores);
+        # on Ray (``ray_address``: see studio.core.cluster) across that many Ray workers
+        if workers is not None and workers < 1:
+            raise StudioError(f"workers must be at least 1, got {workers}")
         self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        self.workers_given = workers is not None
+        self.ray_address = ray_address
+        self.ray_stats = None  # studio.core.scan_ray.RayScanStats of the last Ray run
         self.data = data
         self.settings = settings
         self.use_cache = use_cache
@@ -158,14 +165,13 @@ class SensitivityScan:
         todo = [(t, rs) for t, rs in todo if rs]
         total = sum(len(rs) for _, rs in todo) or 1
         finished = 0
-        if not todo:
-            rows: Iterator[ScanRow] = iter(())
-        elif self.settings.method == "taylor":
-            rows = self._taylor(todo, cancel)
-        elif self.settings.method == "exact":
-            rows = exact_rows(self, todo, cancel)
-        else:
-            rows = (row for t, rs in todo for row in self._naive(self.model.module, t, rs, cancel))
+        if todo and self.ray_address is not None and self.settings.method != "taylor":
+            from studio.core.scan_ray import ray_rows
+
+            self._store = None  # the workers keep their own
+            rows = ray_rows(self, todo, progress, cancel)
+        else:  # taylor is one gradient pass: it runs here
+            rows = self.measure(todo, cancel)
         for row in rows:
             check(cancel)
             self.report.rows.append(row)
@@ -174,6 +180,17 @@ class SensitivityScan:
             report(progress, finished / total, f"{row.layer} @ {row.ratio:g}")
             yield row
         self.report.seconds += time.monotonic() - start
+
+    def measure(self, todo: list, cancel: CancelToken | None = None) -> Iterator[ScanRow]:
+        """Rows of ``todo`` [(target, ratios)] measured in this process, by the scan's method
+        (Ray workers call this for their units)."""
+        if not todo:
+            return iter(())
+        if self.settings.method == "taylor":
+            return self._taylor(todo, cancel)
+        if self.settings.method == "exact":
+            return exact_rows(self, todo, cancel)
+        return (row for t, rs in todo for row in self._naive(self.model.module, t, rs, cancel))
 
     def _row(self, layer: str, ratio: float, outputs: list[torch.Tensor]) -> ScanRow:
         n = len(self.data)
