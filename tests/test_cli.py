@@ -257,3 +257,18 @@ def test_prune_errors_are_one_line(capsys, tmp_path, one_thread) -> None:
         code, _, err = run(capsys, "prune", *argv)
         assert code == 1 and err.count("\n") == 1 and needle in err, (argv, err)
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_scan_on_ray_without_ray_names_the_install_command(capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if not installed
+    code, _, err = run(capsys, "scan", "--model", "demo", "--data", "demo", "--ray", "local")
+    assert code == 1
+    assert err.count("\n") == 1 and "Ray is not installed" in err
+    assert "bash packaging/install.sh --ray" in err
+
+
+def test_scan_rejects_a_bad_ray_address_and_worker_count(capsys) -> None:
+    code, _, err = run(capsys, "scan", "--model", "demo", "--data", "demo", "--ray", "head")
+    assert code == 1 and "'head' is not a Ray address" in err
+    code, _, err = run(capsys, "scan", "--model", "demo", "--data", "demo", "--workers", "0")
+    assert code == 1 and "workers must be at least 1" in err

@@ -268,3 +268,29 @@ def _address(hexed: str, width: int) -> str:
 
     addr = ipaddress.IPv6Address(packed)
     return str(addr.ipv4_mapped and f"::ffff:{addr.ipv4_mapped}" or addr)
+
+
+def test_cli_csv_on_ray_equals_the_in_process_csv(tmp_path, local_ray, capsys):
+    import numpy as np
+
+    from studio.cli import main
+
+    small = load_data("demo").subset(60)
+    np.savez(tmp_path / "small.npz", x=small.x.numpy(), y=small.y.numpy())
+    common = ["scan", "--model", "demo", "--data", str(tmp_path / "small.npz")]
+    common += ["--ratios", "0.25,0.5", "--no-cache"]
+    assert main([*common, "--out", str(tmp_path / "here.csv")]) == 0
+    assert (
+        main([*common, "--ray", "local", "--workers", "2", "--out", str(tmp_path / "ray.csv")]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "ran on local Ray at 127.0.0.1" in out and "with 2 workers" in out
+    here = (tmp_path / "here.csv").read_text().splitlines()
+    there = (tmp_path / "ray.csv").read_text().splitlines()
+    assert here[0] == there[0] and len(here) == len(there) == 1 + 12 * 2
+    for a, b in zip(here[1:], there[1:]):
+        cells_a, cells_b = a.split(","), b.split(",")
+        assert cells_a[:3] == cells_b[:3]  # layer, ratio, metric
+        for x, y in zip(cells_a[3:], cells_b[3:]):
+            assert abs(float(x) - float(y)) <= 1e-6, (a, b)
+    assert Cluster._current is not None  # the fixture's connection is left to the fixture
