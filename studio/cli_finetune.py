@@ -3,6 +3,10 @@ pruning gradually by a recipe; save the best epoch's model (loadable by ``studio
 
 Validation data: ``--val-data`` if given; for ``--data demo:train`` the demo's validation split
 (``demo``); otherwise a held-out 20% of ``--data`` (a fixed shuffle), the rest trains.
+
+``--ray ADDRESS --workers N`` trains data-parallel on N Ray Train workers
+(:class:`studio.core.finetune_ray.RayFinetuneJob`); ``--batch-size`` is then the global batch,
+split among the workers, so the learning rate means the same as in-process.
 """
 
 from __future__ import annotations
@@ -75,6 +79,17 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--recipe", metavar="FILE", help="the plan gradual pruning ends at")
     ft.add_argument("--steps", type=int, metavar="N", help="gradual pruning steps (default 4)")
     ft.add_argument("--checkpoint-dir", metavar="DIR", help="keep checkpoints; continue a run")
+    ft.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="train on Ray: local (start one here), auto, ray://HOST:PORT or HOST:PORT",
+    )
+    ft.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Ray Train workers with --ray (default 1); --batch-size is split among them",
+    )
     ft.add_argument("--out", required=True, metavar="MODEL.pt|MODEL.pt2", help="trained model")
     ft.add_argument("--history", metavar="FILE.csv", help="write every training record")
     ft.add_argument("--json", action="store_true", help="print one JSON object")
@@ -92,10 +107,30 @@ def _check_args(args: argparse.Namespace) -> None:
         raise StudioError("--recipe and --steps go with --gradual")
     if args.steps is not None and args.steps < 1:
         raise StudioError(f"--steps must be 1 or more, not {args.steps}")
+    _check_ray_args(args)
     outputs = [Path(args.out)] + ([Path(args.history)] if args.history else [])
     for spec in (args.model, args.data, args.val_data, args.teacher, args.recipe):
         if spec and any(_same(out, spec) for out in outputs):
             raise StudioError(f"refusing to write over {spec}: it is an input file")
+
+
+def _check_ray_args(args: argparse.Namespace) -> None:
+    if args.ray is None:
+        if args.workers is not None:
+            raise StudioError("--workers goes with --ray ADDRESS: the Ray Train workers to use")
+        return
+    from studio.core.cluster import check_address, require_ray
+
+    check_address(args.ray)
+    if args.workers is not None and args.workers < 1:
+        raise StudioError(f"--workers must be 1 or more, not {args.workers}")
+    if args.gradual:
+        raise StudioError("gradual pruning does not run on Ray yet: leave out --ray")
+    if args.checkpoint_dir:
+        raise StudioError(
+            "fine-tuning on Ray keeps no checkpoint folder yet: leave out --ray or --checkpoint-dir"
+        )
+    require_ray()
 
 
 def _same(out: Path, spec: str) -> bool:
@@ -145,7 +180,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_destination(model, args.out)
     train, val = _datasets(args)
     teacher = _load(args, args.teacher) if args.teacher else None
-    job = FinetuneJob(model, train, val, settings, teacher, args.checkpoint_dir, gradual)
+    if args.ray is not None:
+        from studio.core.finetune_ray import RayFinetuneJob
+
+        job = RayFinetuneJob(
+            model, train, val, settings, teacher, address=args.ray, workers=args.workers or 1
+        )
+        if not args.json:
+            print(f"running on {job.where}", flush=True)
+    else:
+        job = FinetuneJob(model, train, val, settings, teacher, args.checkpoint_dir, gradual)
     if job.resumed_from and not args.json:
         print(f"continuing from epoch {job.resumed_from} in {args.checkpoint_dir}")
     for record in job.run(progress=TerminalProgress("training")):
@@ -160,6 +204,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.history:
         write_atomic(args.history, history_csv(result.history), protected + (Path(args.out),))
     summary = dict(result.to_dict(), out=args.out, history=args.history)
+    if args.ray is not None:
+        summary["where"] = job.where
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -1,11 +1,13 @@
 """``studio finetune``: the JSON summary agrees with ``studio eval`` of the saved model, the
-history CSV, distillation on unlabeled data, gradual pruning by a recipe, a continued run, and
+history CSV, distillation on unlabeled data, gradual pruning by a recipe, a continued run,
+``--ray local --workers 2`` on the pruned demo as accurate as in-process training, and
 one-line errors (exit 1) for bad input before any work."""
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from studio.cli import main
+from studio.core.cluster import INSTALL_HINT, Cluster
 from studio.core.data import demo_splits
 from studio.core.models import load_model
 from studio.core.plan import PruningPlan
@@ -140,6 +143,10 @@ def test_gradual_pruning_by_a_recipe(capsys, tmp_path) -> None:
         (["--out", "{tmp}/x.pt", "--distill-weight", "2"], "distillation weight"),
         (["--out", "{tmp}/x.pt", "--unlabeled"], "no labels: give a teacher"),
         (["--out", "{tmp}/x.pt", "--val-data", "{tmp}/none.npz"], "data not found"),
+        (["--out", "{tmp}/x.pt", "--workers", "2"], "--workers goes with --ray"),
+        (["--out", "{tmp}/x.pt", "--ray", "somewhere"], "is not a Ray address"),
+        (["--out", "{tmp}/x.pt", "--ray", "local", "--workers", "0"], "--workers must be 1"),
+        (["--out", "{tmp}/x.pt", "--ray", "local", "--checkpoint-dir", "{tmp}/c"], "no checkpoint"),
     ],
 )
 def test_errors_are_one_line(capsys, tmp_path, files, extra: list[str], message: str) -> None:
@@ -152,3 +159,48 @@ def test_errors_are_one_line(capsys, tmp_path, files, extra: list[str], message:
     assert err.count("\n") == 1 and err.startswith("studio: error:")
     assert files["model"].read_bytes() == before
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_ray_without_ray_installed_names_the_install_command(capsys, tmp_path, files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    argv = ["finetune", "--model", str(files["model"]), "--data", str(files["train"])]
+    code, stdout, err = run(capsys, *argv, "--ray", "local", "--out", str(tmp_path / "x.pt"))
+    assert code == 1 and stdout == "" and err.count("\n") == 1
+    assert "Ray is not installed" in err and INSTALL_HINT in err
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance for the module's Ray runs (the CLI joins it: same address)."""
+    pytest.importorskip("ray")
+    yield Cluster.connect("local")
+    Cluster.shutdown()
+
+
+def test_ray_finetune_of_the_pruned_demo_matches_in_process(capsys, tmp_path, ray_local):
+    pruned = tmp_path / "pruned.pt"
+    code, _, err = run(
+        capsys,
+        "prune", "--model", "demo", "--data", "demo", "--calib-data", "demo:train",
+        "--target-macs", "0.5", "--allocate", "uniform", "--out", str(pruned),
+    )  # fmt: skip
+    assert code == 0, err
+    args = ["finetune", "--model", str(pruned), "--data", "demo:train", "--teacher", "demo"]
+    args += ["--epochs", "2"]
+    code, stdout, err = run(capsys, *args, "--threads", "1", "--out", str(tmp_path / "a.pt"),
+                            "--json")  # fmt: skip
+    assert code == 0, err
+    alone = json.loads(stdout)
+    code, stdout, err = run(capsys, *args, "--ray", "local", "--workers", "2",
+                            "--out", str(tmp_path / "b.pt"))  # fmt: skip
+    assert code == 0, err
+    assert (
+        stdout.startswith("running on local Ray at 127.0.0.1:") and "2 training workers" in stdout
+    )
+    assert "epoch 2/2" in stdout and "saved" in stdout
+    code, stdout, err = run(capsys, "eval", "--model", str(tmp_path / "b.pt"), "--data", "demo",
+                            "--json")  # fmt: skip
+    assert code == 0, err
+    on_ray = json.loads(stdout)["accuracy"]
+    assert alone["accuracy_before"] < 0.9
+    assert abs(on_ray - alone["accuracy_after"]) <= 0.01, (on_ray, alone["accuracy_after"])
