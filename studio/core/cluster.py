@@ -17,8 +17,10 @@ the cluster needs the same Python packages (torch, torch-pruning, ...) installed
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -133,9 +135,9 @@ class Cluster:
             if current is not None and current.address == address and ray.is_initialized():
                 return current
             if current is not None:
-                current._disconnect(ray)
+                _OWNER.call(current._disconnect, ray)
             cluster = cls(address, cpus)
-            cluster._connect(ray)
+            _OWNER.call(cluster._connect, ray)
             cls._current = cluster
             return cluster
 
@@ -145,11 +147,11 @@ class Cluster:
             if cls._current is not None and ray_available():
                 import ray
 
-                cls._current._disconnect(ray)
+                _OWNER.call(cls._current._disconnect, ray)
             cls._current = None
 
     def _connect(self, ray: ModuleType) -> None:
-        if ray.is_initialized():  # made by someone else in this process: leave it to them
+        if ray.is_initialized():  # made elsewhere in this process: replaced by ours
             ray.shutdown()
         try:
             if self.address == LOCAL:
@@ -193,6 +195,46 @@ class Cluster:
                 f"lost the connection to Ray at {self.address}: {_first(exc)}"
             ) from None
         return self.info
+
+
+class _OwnerThread:
+    """The one thread that starts and stops Ray in this process.
+
+    Ray ties its connection to the thread that called ``ray.init``: once that thread ends,
+    calls from any other thread hang (seen with Ray 2.60). The GUI connects from short-lived
+    worker threads, so every init and shutdown runs here, on a daemon thread that lives as
+    long as the process; other threads then use the connection freely.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="ray-owner", daemon=True)
+                self._thread.start()
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._calls.put((fn, args, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, done = self._calls.get()
+            try:
+                done.put((True, fn(*args)))
+            except BaseException as exc:  # handed back to the caller's thread
+                done.put((False, exc))
+
+
+_OWNER = _OwnerThread()
 
 
 def check_connection(address: str) -> ClusterInfo:
