@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a sensitivity scan (exact, structured) once the model and data are loaded",
     )
+    gui.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run scans and fine-tuning on Ray for this session (as Settings > Compute)",
+    )
+    gui.add_argument("--workers", type=int, help="Ray workers (with --ray)")
     return parser
 
 
@@ -351,7 +357,21 @@ def cmd_gui(args: argparse.Namespace) -> int:
         apply=args.apply,
         finetune=args.finetune,
         latency=args.latency,
+        compute=_compute(args),
     )
+
+
+def _compute(args: argparse.Namespace):  # -> Compute | None
+    from studio.core.cluster import Compute, check_address, require_ray
+
+    if args.workers is not None and not args.ray:
+        raise StudioError("--workers needs --ray ADDRESS")
+    if args.workers is not None and args.workers < 1:
+        raise StudioError(f"workers must be at least 1, got {args.workers}")
+    if not args.ray:
+        return None
+    require_ray()
+    return Compute(check_address(args.ray), args.workers)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

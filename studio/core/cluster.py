@@ -68,6 +68,25 @@ def check_address(address: str) -> str:
     return address
 
 
+@dataclass(frozen=True)
+class Compute:
+    """Where scans and fine-tuning run: this process (no address) or Ray at ``address`` with
+    ``workers`` workers (None: as many as the cluster has CPUs, for scans)."""
+
+    address: str | None = None
+    workers: int | None = None
+
+    @property
+    def on_ray(self) -> bool:
+        return self.address is not None
+
+    def describe(self) -> str:
+        if self.address is None:
+            return f"this machine ({os.cpu_count() or 1} cores)"
+        workers = f", {self.workers} workers" if self.workers else ""
+        return f"Ray: {self.address}{workers}"
+
+
 @dataclass
 class NodeInfo:
     host: str

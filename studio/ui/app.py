@@ -9,6 +9,7 @@ from PySide6.QtCore import QPointF, QRectF, Qt, QTimer
 from PySide6.QtGui import QBrush, QColor, QIcon, QPainter, QPen, QPixmap
 from PySide6.QtWidgets import QApplication
 
+from studio.core.cluster import Compute
 from studio.ui.compat import binding_problem
 from studio.ui.main_window import MainWindow
 from studio.ui.session import WARNING
@@ -74,6 +75,7 @@ def run_gui(
     apply: bool = False,
     finetune: int | None = None,
     latency: bool = False,
+    compute: Compute | None = None,
 ) -> int:
     """Open the studio, optionally with a model and data; return the exit status.
 
@@ -81,7 +83,8 @@ def run_gui(
     settings as soon as the model and data are in (and shows the Sensitivity tab); ``recipe``
     is loaded into the Planner once the model's targets are known, and with ``apply`` applied
     once the data is in; ``finetune`` (epochs) fine-tunes the pruned model in the Training tab;
-    ``latency`` measures every variant in the Latency tab once the last of those is in.
+    ``latency`` measures every variant in the Latency tab once the last of those is in;
+    ``compute`` (this session only, not saved) says where scans and fine-tuning run.
 
     With ``screenshot``, no dialogs are shown: once every job has ended the window is saved
     to that PNG file and the function returns 0, or 1 with a one-line message on stderr if
@@ -102,6 +105,8 @@ def run_gui(
     if problem:
         print(f"warning: {problem}", file=sys.stderr)
         window.session.log(problem, WARNING)
+    if compute is not None:
+        window.session.set_compute(compute)
     window.show()
     if tab or scan:
         window.show_tab(tab or "sensitivity")

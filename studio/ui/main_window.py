@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (
     QDockWidget,
     QFileDialog,
     QInputDialog,
+    QLabel,
     QMainWindow,
     QMenu,
     QMessageBox,
@@ -20,10 +21,12 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import zoo
+from studio.core.cluster import Compute
 from studio.core.errors import StudioError
 from studio.core.models import parse_shape
 from studio.ui import export_actions
 from studio.ui.compare_panel import ComparePanel
+from studio.ui.compute_dialog import ComputeDialog, load_compute
 from studio.ui.latency_panel import LatencyPanel
 from studio.ui.layer_table import LayerTablePanel
 from studio.ui.log_panel import LogPanel
@@ -102,7 +105,12 @@ class MainWindow(QMainWindow):
             "Log", "LogDock", self.log_panel, Qt.DockWidgetArea.BottomDockWidgetArea
         )
         self.progress = JobProgressWidget(self.runner)
+        self.compute_label = QLabel()
+        self.compute_label.setToolTip("Where scans and fine-tuning run: Settings ▸ Compute…")
+        self.statusBar().addPermanentWidget(self.compute_label)
         self.statusBar().addPermanentWidget(self.progress)
+        self.session.compute_changed.connect(self._show_compute)
+        self.session.set_compute(load_compute(self.settings))
         self.session.model_changed.connect(self._update_title)
         self._build_menus()
         self.setAcceptDrops(True)
@@ -151,6 +159,12 @@ class MainWindow(QMainWindow):
         if path:
             self.open_data(path)
 
+    def open_compute_dialog(self) -> ComputeDialog:
+        dialog = ComputeDialog(self.session, self.runner, self.settings, self)
+        if self.interactive:
+            dialog.open()
+        return dialog
+
     # --- menus ---------------------------------------------------------------------------
 
     def _build_menus(self) -> None:
@@ -191,6 +205,8 @@ class MainWindow(QMainWindow):
         view_menu.addSeparator()
         view_menu.addAction(self.summary_dock.toggleViewAction())
         view_menu.addAction(self.log_dock.toggleViewAction())
+        settings_menu = self.menuBar().addMenu("&Settings")
+        self._action(settings_menu, "&Compute (this machine or Ray)…", self.open_compute_dialog)
 
     def _action(
         self, menu: QMenu, text: str, slot: object, shortcut: QKeySequence.StandardKey | None = None
@@ -227,6 +243,9 @@ class MainWindow(QMainWindow):
         return dock
 
     # --- reactions -----------------------------------------------------------------------
+
+    def _show_compute(self, compute: Compute) -> None:
+        self.compute_label.setText(f"Compute: {compute.describe()}")
 
     def _on_model_loaded(self, spec: str) -> None:
         if spec != "demo" and not spec.startswith("zoo:") and Path(spec).exists():

@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.cluster import ClusterInfo, Compute
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, ProgressFn, sub_progress
@@ -71,6 +72,8 @@ class SensitivityPanel(QWidget):
         session.model_changed.connect(self._on_inputs_changed)
         session.data_changed.connect(self._on_inputs_changed)
         session.inventory_changed.connect(self._on_session_changed)
+        session.compute_changed.connect(self._on_compute_changed)
+        self._on_compute_changed(session.compute)
         self._on_session_changed()
 
     # --- layout --------------------------------------------------------------------------
@@ -111,6 +114,9 @@ class SensitivityPanel(QWidget):
         view_row.addWidget(QLabel("Rows"))
         view_row.addWidget(self.sort)
         view_row.addStretch(1)
+        self.where = QLabel()  # where the scan runs: this machine or Ray
+        self.where.setEnabled(False)  # drawn grey: a fact, not a control
+        view_row.addWidget(self.where)
         view_row.addWidget(self.save_png_button)
         view_row.addWidget(self.save_csv_button)
 
@@ -161,11 +167,26 @@ class SensitivityPanel(QWidget):
             self._fail("Bad scan settings", str(exc))
             return None
         use_cache = self.controls.use_cache.isChecked()
+        compute = self.session.compute
         model = model.replica()  # the scan traces and hooks its own copy (made here, not
         # in the worker, so that no other job's hooks are copied with it)
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
-            scan = SensitivityScan(model, data, settings, use_cache=use_cache)
+            if compute.on_ray and settings.method != "taylor":  # taylor: one pass, here
+                from studio.core.cluster import check_connection
+
+                progress(0.0, f"connecting to Ray ({compute.address})")
+                yield check_connection(compute.address)  # ClusterInfo: where it runs
+                scan = SensitivityScan(
+                    model,
+                    data,
+                    settings,
+                    use_cache=use_cache,
+                    workers=compute.workers,
+                    ray_address=compute.address,
+                )
+            else:
+                scan = SensitivityScan(model, data, settings, use_cache=use_cache)
             prepared = scan.prepare(sub_progress(progress, 0.0, 0.05), cancel)
             yield ScanReport(
                 settings,
@@ -213,10 +234,17 @@ class SensitivityPanel(QWidget):
 
     # --- runner events -------------------------------------------------------------------
 
+    def _on_compute_changed(self, compute: Compute) -> None:
+        if not self.running:
+            self.where.setText(f"Runs on {compute.describe()}")
+
     def _on_partial(self, job: Job, item: object) -> None:
         if job is not self.job:
             return
-        if isinstance(item, ScanReport):
+        if isinstance(item, ClusterInfo):
+            self.where.setText(f"Runs on {item.where()}")
+            self.session.log(f"Sensitivity scan runs on {item.where()}")
+        elif isinstance(item, ScanReport):
             self.report = item
             self.controls.allow_metrics(method=item.settings.method)
             self.status.setText(scan_text.scan_summary(item))

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, Signal
 
+from studio.core.cluster import Compute
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,6 +39,7 @@ class Session(QObject):
     scan_changed = Signal(object)  # ScanReport | None: the latest finished sensitivity scan
     pruned_changed = Signal(object)  # PruneResult | None: the latest pruning of the model
     finetuned_changed = Signal(object)  # FinetuneResult | None: the pruned model fine-tuned
+    compute_changed = Signal(object)  # Compute: where scans and fine-tuning run
     logged = Signal(float, str, str)  # timestamp, level, text
 
     def __init__(self, parent: QObject | None = None) -> None:
@@ -49,6 +52,7 @@ class Session(QObject):
         self._scan: ScanReport | None = None
         self._pruned: PruneResult | None = None
         self._finetuned: FinetuneResult | None = None
+        self._compute = Compute()
 
     @property
     def model(self) -> LoadedModel | None:
@@ -82,6 +86,15 @@ class Session(QObject):
     @property
     def finetuned(self) -> FinetuneResult | None:
         return self._finetuned
+
+    @property
+    def compute(self) -> Compute:
+        """Where scans and fine-tuning run: this process, or Ray (studio.core.cluster)."""
+        return self._compute
+
+    def set_compute(self, compute: Compute) -> None:
+        self._compute = compute
+        self.compute_changed.emit(compute)
 
     def set_model(self, model: LoadedModel | None) -> None:
         """A newly loaded model: its inventory, evaluation, scan and pruning are cleared."""
