@@ -254,7 +254,11 @@ class _Lead:
         return bool(patience and self.stale >= patience)
 
     def finish(self, stopped: bool) -> None:
-        self.channel.put.remote("end", {"best": self.best, "stopped": stopped})
+        """The best epoch's weights to the driver; waits until the channel has them (and so
+        every record sent before: one caller's calls run in order)."""
+        import ray
+
+        ray.get(self.channel.put.remote("end", {"best": self.best, "stopped": stopped}))
 
     def _send(self, record: TrainRecord) -> None:
         self.history.append(record)

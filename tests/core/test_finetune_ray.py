@@ -147,6 +147,15 @@ def test_what_ray_cannot_do_is_refused(data) -> None:
             RayFinetuneJob(student, train, val, **kwargs)
 
 
+def test_more_workers_than_the_cluster_has_cpus_is_refused(cluster, data) -> None:
+    train, val = data
+    cpus = int(cluster.info.cpus)
+    settings = FinetuneSettings(batch_size=2 * (cpus + 1))
+    message = f"has {cpus} CPUs, too few for {cpus + 1} workers of 1 CPU each"
+    with pytest.raises(StudioError, match=message):
+        RayFinetuneJob(load_model("demo"), train, val, settings, workers=cpus + 1)
+
+
 def test_without_ray_the_error_names_the_install_command(data, monkeypatch) -> None:
     train, val = data
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
