@@ -42,7 +42,7 @@ class RayScanStats:
     where: str = ""
     workers: int = 0
     object_bytes: int = 0  # model + data put into the object store
-    startup_seconds: list[float] = field(default_factory=list)  # per worker: copy + prepare
+    startup_seconds: list[float] = field(default_factory=list)  # per worker, until ready
     units: list[tuple[str, int, float]] = field(default_factory=list)  # (target, rows, s)
     wall_seconds: float = 0.0
 
@@ -93,25 +93,27 @@ def ray_rows(
     model_ref, data_ref = ray.put(scan.model), ray.put(scan.data)
     stats.object_bytes = _object_bytes(scan)
     remote = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(ScanWorker)
+    created = time.monotonic()
     actors = [remote.remote(model_ref, data_ref, scan.settings) for _ in range(count)]
     pending = deque(todo)
-    running: dict[Any, tuple[Any, str]] = {}  # task -> (actor, target name)
+    running: dict[Any, tuple[Any, str | None]] = {}  # task -> (actor, target; None: hello)
 
     def give(actor: Any) -> None:
         target, ratios = pending.popleft()
         running[actor.unit.remote(target.name, list(ratios))] = (actor, target.name)
 
     try:
-        hellos = {actor.hello.remote(): actor for actor in actors}
-        for actor in actors[: len(pending)]:
+        for actor in actors:  # a worker's hello returns once it has built its copy
+            running[actor.hello.remote()] = (actor, None)
             give(actor)
-        _wait_for(ray, list(hellos), cancel, stats, scan.ray_address, starting=True)
-        for task in hellos:
-            stats.startup_seconds.append(_get(ray, task, scan.ray_address, starting=True)[2])
         while running:
-            ready = _wait_for(ray, list(running), cancel, stats, scan.ray_address)
+            ready = _wait_for(ray, list(running), cancel, scan.ray_address)
             for task in ready:
                 actor, name = running.pop(task)
+                if name is None:  # process start, imports, copy of the objects, prepare
+                    _get(ray, task, scan.ray_address, starting=True)
+                    stats.startup_seconds.append(time.monotonic() - created)
+                    continue
                 rows, seconds = _get(ray, task, scan.ray_address)
                 stats.units.append((name, len(rows), seconds))
                 if pending:
@@ -127,27 +129,16 @@ def ray_rows(
         stats.wall_seconds = time.monotonic() - started
 
 
-def _wait_for(
-    ray: Any,
-    tasks: list,
-    cancel: CancelToken | None,
-    stats: RayScanStats,
-    address: str,
-    starting: bool = False,
-) -> list:
-    """Tasks of ``tasks`` that finished; all of them when ``starting`` (the workers' hellos)."""
-    remaining = list(tasks)
-    done: list = []
-    while remaining:
+def _wait_for(ray: Any, tasks: list, cancel: CancelToken | None, address: str) -> list:
+    """The tasks of ``tasks`` that have finished, once at least one has; checks ``cancel``."""
+    while True:
         check(cancel)
         try:
-            ready, remaining = ray.wait(remaining, num_returns=1, timeout=POLL_SECONDS)
+            ready, _ = ray.wait(tasks, num_returns=1, timeout=POLL_SECONDS)
         except Exception as exc:
             raise StudioError(f"lost the connection to Ray at {address}: {_first(exc)}") from None
-        done.extend(ready)
-        if ready and not starting:
-            return done
-    return done
+        if ready:
+            return ready
 
 
 def _get(ray: Any, task: Any, address: str, starting: bool = False) -> Any:

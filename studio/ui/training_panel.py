@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.cluster import Compute
 from studio.core.data import DataSet, matching_training_split
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
@@ -93,7 +94,14 @@ class TrainingPanel(QWidget):
         runner.cancelled.connect(self._on_cancelled)
         for signal in (session.model_changed, session.data_changed, session.pruned_changed):
             signal.connect(self._on_inputs_changed)
+        session.compute_changed.connect(self._on_compute_changed)
+        self._on_compute_changed(session.compute)
         self._on_inputs_changed()
+
+    def _on_compute_changed(self, compute: Compute) -> None:
+        if not self.running:
+            note = " (no checkpoint folder on Ray: a cancelled run starts over)"
+            self.where.setText(f"Runs on {compute.describe()}" + (note if compute.on_ray else ""))
 
     def _build(self) -> None:
         self.form = TrainingForm()
@@ -124,6 +132,9 @@ class TrainingPanel(QWidget):
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.charts = TrainingCharts()
+        self.where = QLabel()  # where training runs: this machine or Ray (Settings > Compute)
+        self.where.setEnabled(False)
+        self.where.setWordWrap(True)
 
         left = QWidget()
         column = QVBoxLayout(left)
@@ -154,6 +165,7 @@ class TrainingPanel(QWidget):
         top.addWidget(self.saving.csv)
         rcol.addLayout(top)
         rcol.addWidget(self.status)
+        rcol.addWidget(self.where)
         rcol.addWidget(self.charts, 1)
         splitter = QSplitter()
         splitter.addWidget(scroll)
@@ -206,10 +218,20 @@ class TrainingPanel(QWidget):
         teacher = self.teacher() if self.form.distilling else None
         self.checkpoint = self._checkpoint_folder(student, teacher, train, val, settings)
         self.pause_token = PauseToken()
-        pause, folder = self.pause_token, self.checkpoint
+        pause, folder, compute = self.pause_token, self.checkpoint, self.session.compute
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
-            job = FinetuneJob(student, train, val, settings, teacher, checkpoint_dir=folder)
+            if compute.on_ray:  # data-parallel on Ray Train (no checkpoint folder there yet)
+                from studio.core.cluster import check_connection
+                from studio.core.finetune_ray import RayFinetuneJob
+
+                progress(0.0, f"connecting to Ray ({compute.address})")
+                workers = compute.workers or max(1, int(check_connection(compute.address).cpus))
+                job: FinetuneJob = RayFinetuneJob(
+                    student, train, val, settings, teacher, address=compute.address, workers=workers
+                )
+            else:
+                job = FinetuneJob(student, train, val, settings, teacher, checkpoint_dir=folder)
             yield job
             yield from job.run(progress, cancel, pause)
             return job.result
@@ -293,6 +315,10 @@ class TrainingPanel(QWidget):
             return
         if isinstance(item, FinetuneJob):
             self.core_job = item
+            where = getattr(item, "where", "this machine")
+            self.where.setText(f"Runs on {where}")
+            if hasattr(item, "where"):
+                self.session.log(f"Fine-tuning runs on {where}")
             for record in item.history:  # a continued run: what the checkpoint holds
                 self._add(record)
             return

@@ -115,3 +115,25 @@ def test_pause_cancel_then_continue_from_the_checkpoint(qtbot, panel: TrainingPa
     assert result is not None and result.resumed_from >= 1 and result.epochs_run == 3
     epochs = [r.epoch for r in panel.history if r.kind == "epoch"]
     assert epochs == [1.0, 2.0, 3.0]  # the first epoch came from the checkpoint, not again
+
+
+def test_fine_tunes_on_ray_when_the_compute_setting_says_so(qtbot, panel: TrainingPanel) -> None:
+    pytest.importorskip("ray")
+    from studio.core.cluster import Cluster, Compute
+
+    session = panel.session
+    session.set_compute(Compute("local", 2))
+    assert panel.where.text().startswith("Runs on Ray: local, 2 workers")
+    panel.form.epochs.setValue(1)
+    try:
+        with qtbot.waitSignal(session.finetuned_changed, timeout=240_000):
+            assert panel.start() is not None
+        result = session.finetuned
+        assert isinstance(result, FinetuneResult) and result.epochs_run == 1
+        assert result.params == session.pruned.params_after
+        assert panel.where.text().startswith("Runs on local Ray at 127.0.0.1:")
+        assert "2 training workers" in panel.where.text()
+        steps = [r for r in panel.history if r.kind == "step"]
+        assert len(steps) >= 2  # the charts were fed while it ran
+    finally:
+        Cluster.shutdown()
