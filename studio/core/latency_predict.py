@@ -21,12 +21,13 @@ measured side by side, four pruned demo plans ran at 0.81/0.93/1.06/0.84 of the 
 in one state and 1.05/1.14/1.25/1.10 in the other (a 13-to-13 plain convolution took 1.3x a
 16-to-16 NCHWc one in the first, 1.5-1.8x in the second), so no table of this machine's layer
 times can be within +-10 % in both. benchmarks/latency_prediction.py there (1 thread, 30 random
-structured plans, 5 passes, run while another engineer's Ray training kept the 1-minute load
-at 3-9): share within +-10 % raw / normalised to the unpruned model measured side by side:
-demo batch 1 33 % / 23 % (worst -25 % / +26 %), batch 32 20 % / 40 % (+34 % / +42 %);
-mobilenetv2 batch 1 60 % / 93 % (-42 % / +17 %), batch 32 13 % / 77 % (-58 % / +19 %). The
-goal (90 %) is reached only for mobilenetv2 at batch 1, normalised. predict(): 0.27 ms
-(mobilenetv2) to 0.46 ms (demo).
+structured plans, 5 passes), share within +-10 % raw / normalised to the unpruned model
+measured side by side, with the machine otherwise idle (1-minute load about 1, calibration
+made fresh in the same run): demo batch 1 57 % / 70 % (worst -31 % / +16 %), batch 32
+57 % / 67 % (-24 % / -21 %); mobilenetv2 batch 1 10 % / 40 % (+86 % / +26 %), batch 32
+67 % / 23 % (-26 % / +18 %). Earlier, under a load of 3-9: demo 33 % / 23 % and 20 % / 40 %,
+mobilenetv2 60 % / 93 % and 13 % / 77 %. The goal (90 % within +-10 %) is not reached.
+predict(): 0.25-0.46 ms.
 """
 
 from __future__ import annotations
