@@ -188,7 +188,7 @@ class LatencyPredictor:
             layer.cfg.key(x, y): (layer.cfg, x, y) for layer in layers for x, y in layer.points()
         }
         configs.update(self._node_configs())
-        todo = sorted(k for k in configs if k not in known)
+        todo = sorted(k for k in configs if not _known(k, configs[k], known))
         timer = time_onnx if runtime == "onnxruntime" else time_torch
         measured: dict[str, float] = {}
         step = sub_progress(progress, 0.02, 0.6 if fit else 1.0)
@@ -341,6 +341,15 @@ class LatencyPredictor:
 
 def _node_key(op: str, elements: int) -> str:
     return f"node|{op}|e{elements}"
+
+
+def _known(key: str, config: tuple, known: Mapping[str, float]) -> bool:
+    """Whether the cache holds ``key``'s micro-benchmark: a layer configuration's own key, or
+    for a node model (timed as a pair of nodes) the key of each of its nodes."""
+    if not key.startswith("node|"):
+        return key in known
+    model, elements = config
+    return all(_node_key(op, elements) in known for op in NODE_MODELS[model])
 
 
 def _layers(model: LoadedModel, cost: CostModel, batch: int, runtime: str) -> list[_Layer]:

@@ -103,6 +103,7 @@ def test_predictor_cached_and_reused(predictor):
     began = time.perf_counter()
     again = LatencyPredictor.build(tiny(), "onnxruntime", batch=1, threads=1, fit=False)
     assert again.calibrated_points == 0  # every micro-benchmark came from the cache
+    assert again.nodes == predictor.nodes  # the extra nodes' timings too
     assert time.perf_counter() - began < 10
     assert again.original_ms == pytest.approx(predictor.original_ms)
 
