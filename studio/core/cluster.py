@@ -35,6 +35,9 @@ _LOCK = threading.Lock()
 
 def require_ray() -> ModuleType:
     """The ``ray`` module, or a clear error naming the command that installs it."""
+    # Ray's C++ core logs warnings (lost sockets, retries) to this process's stderr; our
+    # one-line errors say what happened. The user's own setting wins.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         import ray
     except ImportError as exc:
