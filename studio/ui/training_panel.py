@@ -10,8 +10,6 @@ over discards that checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,44 +29,23 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.cluster import Compute
-from studio.core.data import DataSet, matching_training_split
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
-from studio.core.finetune import FinetuneJob, holdout_split
+from studio.core.finetune import FinetuneJob
 from studio.core.jobs import CancelToken, PauseToken, ProgressFn
 from studio.core.models import LoadedModel
-from studio.core.paths import cache_dir
 from studio.core.pruned_file import save_model
-from studio.core.train_types import RESUMABLE_CHANGES, FinetuneResult, TrainRecord, history_csv
+from studio.core.train_types import FinetuneResult, TrainRecord, history_csv
 from studio.ui import charts
 from studio.ui import format as fmt
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import WARNING, Session
 from studio.ui.training_charts import TrainingCharts
 from studio.ui.training_form import TrainingForm
+from studio.ui.training_run import checkpoint_folder, core_job, summary_text, training_split
 
 BAR_STEPS = 1000
 MODEL_FILTER = "PyTorch model (*.pt);;torch.export program (*.pt2)"
-
-
-def training_split(data: DataSet) -> tuple[DataSet, DataSet, str]:
-    """(training data, validation data, a sentence saying which is which) for ``data``.
-
-    The demo's validation split trains on the demo's training split; any other data set is
-    split 80/20 with a fixed shuffle, the 20 % held out for validation.
-    """
-    train = matching_training_split(data)
-    if train is not None:
-        return train, data, f"trains on {train.name} ({len(train):,}), validates on {data.name}"
-    fit, held = holdout_split(data)
-    return (
-        fit,
-        held,
-        (
-            f"trains on 80 % of {data.name} ({len(fit):,}), validates on the other 20 % "
-            f"({len(held):,})"
-        ),
-    )
 
 
 class TrainingPanel(QWidget):
@@ -216,22 +193,12 @@ class TrainingPanel(QWidget):
             self._fail("Cannot fine-tune", str(exc))
             return None
         teacher = self.teacher() if self.form.distilling else None
-        self.checkpoint = self._checkpoint_folder(student, teacher, train, val, settings)
+        self.checkpoint = checkpoint_folder(student, teacher, train, val, settings)
         self.pause_token = PauseToken()
         pause, folder, compute = self.pause_token, self.checkpoint, self.session.compute
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
-            if compute.on_ray:  # data-parallel on Ray Train (no checkpoint folder there yet)
-                from studio.core.cluster import check_connection
-                from studio.core.finetune_ray import RayFinetuneJob
-
-                progress(0.0, f"connecting to Ray ({compute.address})")
-                workers = compute.workers or max(1, int(check_connection(compute.address).cpus))
-                job: FinetuneJob = RayFinetuneJob(
-                    student, train, val, settings, teacher, address=compute.address, workers=workers
-                )
-            else:
-                job = FinetuneJob(student, train, val, settings, teacher, checkpoint_dir=folder)
+            job = core_job(student, train, val, settings, teacher, folder, compute, progress)
             yield job
             yield from job.run(progress, cancel, pause)
             return job.result
@@ -278,7 +245,7 @@ class TrainingPanel(QWidget):
             self._fail("Cannot fine-tune", str(exc))
             return
         teacher = self.teacher() if self.form.distilling else None
-        shutil.rmtree(self._checkpoint_folder(student, teacher, train, val, settings), True)
+        shutil.rmtree(checkpoint_folder(student, teacher, train, val, settings), True)
         self.start()
 
     def save_png(self, path: str | Path) -> Path:
@@ -354,7 +321,7 @@ class TrainingPanel(QWidget):
         self.bar.setValue(BAR_STEPS)
         self.eta.setText("")
         self.session.set_finetuned(result)
-        text = self._summary(result)
+        text = summary_text(result)
         self.status.setText(text)
         self.session.log(text)
         self._update_controls()
@@ -400,48 +367,6 @@ class TrainingPanel(QWidget):
         if best is not None:
             text += f" · best so far: epoch {best[2]:.0f}, {best[1]:.2f} %"
         return text
-
-    def _summary(self, result: FinetuneResult) -> str:
-        if result.accuracy_after is not None and result.accuracy_before is not None:
-            quality = (
-                f"accuracy {result.accuracy_before:.2%} → {result.accuracy_after:.2%} "
-                f"({(result.accuracy_after - result.accuracy_before) * 100:+.2f} points)"
-            )
-        else:
-            quality = f"agreement {fmt.percent(result.agreement_before, 2)} → "
-            quality += fmt.percent(result.agreement_after, 2)
-        text = (
-            f"Fine-tuning done: {result.epochs_run} epoch(s) in {fmt.duration(result.seconds)}, "
-            f"best epoch {result.best_epoch}; {quality}"
-        )
-        if result.teacher_accuracy is not None:
-            text += f"; unpruned model {result.teacher_accuracy:.2%}"
-        if result.stopped_early:
-            text += "; stopped early"
-        return text
-
-    def _checkpoint_folder(
-        self,
-        student: LoadedModel,
-        teacher: LoadedModel | None,
-        train: DataSet,
-        val: DataSet,
-        settings: Any,
-    ) -> Path:
-        kept = {k: v for k, v in settings.to_dict().items() if k not in RESUMABLE_CHANGES}
-        key = json.dumps(
-            {
-                "student": student.fingerprint(),
-                "teacher": teacher.fingerprint() if teacher is not None else None,
-                "train": train.fingerprint(),
-                "val": val.fingerprint(),
-                "settings": kept,
-            },
-            sort_keys=True,
-        )
-        root = cache_dir() / "finetune"
-        root.mkdir(exist_ok=True)
-        return root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     # ---- state --------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from studio.core.train_types import FinetuneResult
 from studio.ui.compare_panel import ComparePanel
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
-from studio.ui.training_panel import TrainingPanel, training_split
+from studio.ui.training_panel import TrainingPanel
+from studio.ui.training_run import training_split
 
 
 @pytest.fixture(scope="module")
