@@ -10,9 +10,10 @@ scan on a local Ray instance with 1 worker and with 2 workers (no cache). Prints
 - the 2-worker vs 1-worker speed-up measured on this machine;
 - a model of the scan's time on a cluster of 1..64 one-CPU workers built from those
   measurements: T(n) = start-up + transfer(n) + makespan(n) + units x overhead, where the
-  makespan is the driver's own schedule (units handed in order to the first free worker)
-  simulated with the measured unit times, and the transfer is n copies of the objects leaving
-  the head node at ``--bandwidth`` (one node cannot measure a network; 10 GbE by default).
+  makespan is the driver's own schedule (the units split_units makes for n workers, handed in
+  order to the first free worker) simulated with the measured per-row time of each target,
+  and the transfer is n copies of the objects leaving the head node at ``--bandwidth`` (one
+  node cannot measure a network; 10 GbE by default).
   The table says what bounds each row: start-up, object transfer, or the slowest unit.
 
     .venv/bin/python benchmarks/ray_scan_scaling.py [--model demo] [--ratios 0.1,...,0.9]
@@ -30,6 +31,7 @@ import time
 from studio.core.cluster import Cluster
 from studio.core.data import load_data
 from studio.core.models import load_model
+from studio.core.scan_ray import split_units
 from studio.core.sensitivity import SensitivityScan
 from studio.core.sensitivity_types import ScanSettings
 
@@ -123,12 +125,21 @@ def main() -> int:
         f": speed-up {s1.wall_seconds / s2.wall_seconds:.2f}x on this {os.cpu_count()}-core machine"
     )
 
+    per_row = {name: (rows, seconds / rows) for name, rows, seconds in s1.units}
+
+    def unit_times(n: int) -> list[float]:
+        """The units the driver makes for ``n`` workers (split_units), timed from the
+        1-worker run's per-row time of each target."""
+        todo = [(name, list(range(rows))) for name, (rows, _) in per_row.items()]
+        return [len(rows) * per_row[name][1] for name, rows in split_units(todo, n)]
+
     def model_time(n: int) -> tuple[float, str]:
         transfer = n * s1.object_bytes / args.bandwidth
-        span = makespan(units, n)
-        units_name = "the slowest unit" if span <= max(units) * 1.0001 else "the units' work"
+        times = unit_times(n)
+        span = makespan(times, n)
+        units_name = "the slowest unit" if span <= max(times) * 1.0001 else "the units' work"
         parts = {"start-up": startup, "object transfer": transfer, units_name: span}
-        total = startup + transfer + span + len(units) * overhead
+        total = startup + transfer + span + len(times) * overhead
         return total, max(parts, key=parts.get)
 
     predicted_two = model_time(2)[0]
@@ -144,9 +155,10 @@ def main() -> int:
     for n in WORKERS:
         total, bound = model_time(n)
         print(f"{n:>8} {total:>12.1f} {base / total:>8.2f}x {base / total / n:>10.0%}  {bound}")
+    finest = unit_times(10**6)
     print(
-        f"\nBeyond {len(units)} workers (one per unit) nothing is gained: a unit is one target "
-        f"with all its ratios, and the slowest ({max(units):.2f} s) bounds the scan."
+        f"\nWith fewer than two targets a worker, a target's ratios are split across units; at "
+        f"one ratio a unit ({len(finest)} units) the slowest is {max(finest):.2f} s."
     )
     return 0
 

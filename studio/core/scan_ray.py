@@ -4,9 +4,11 @@ The model and the data go into Ray's object store once; every worker is a Ray ac
 builds its own copy from there, prepares the scan once (targets, channel scores, the unpruned
 outputs and, for exact scans, the activations it reuses) and then measures the units it is
 given with the same code the in-process scan runs (:meth:`SensitivityScan.measure`), so the
-rows are the same numbers. Units are handed out one at a time to whichever worker is free and
-their rows come back as they finish, through :meth:`SensitivityScan.run`: the heatmap fills
-live, the cache is written row by row, and a scan stopped for any reason resumes from it.
+rows are the same numbers. With fewer than two targets a worker, targets' ratios are split
+across units (:func:`split_units`) so that more workers still help. Units are handed out one
+at a time to whichever worker is free and their rows come back as they finish, through
+:meth:`SensitivityScan.run`: the heatmap fills live, the cache is written row by row, and a
+scan stopped for any reason resumes from it.
 
 Cancel kills the workers (their running units end with them). A worker that dies or a lost
 connection ends the scan with one line; the rows finished before it stay in the cache.
@@ -86,7 +88,10 @@ def ray_rows(
     info = cluster.refresh()
     stats = scan.ray_stats = RayScanStats(where=info.where())
     started = time.monotonic()
-    wanted = scan.workers if scan.workers_given else int(info.cpus) or 1
+    # one CPU a worker: more workers than the cluster has CPUs would wait for CPUs that
+    # never free up (each worker is handed a unit as soon as it is made)
+    wanted = min(scan.workers if scan.workers_given else 10**6, max(1, int(info.cpus)))
+    todo = split_units(todo, wanted)
     count = max(1, min(wanted, len(todo)))
     stats.workers = count
     report(progress, 0.0, f"starting {count} Ray worker{'s' if count > 1 else ''}: {stats.where}")
@@ -127,6 +132,23 @@ def ray_rows(
             except Exception:
                 pass
         stats.wall_seconds = time.monotonic() - started
+
+
+def split_units(todo: list, workers: int) -> list:
+    """Units of ``todo`` [(target, ratios)]: one a target, or, when there are fewer than two
+    targets a worker, each target's ratios cut into consecutive runs so that there are (ratios
+    allowing) twice as many units as workers; a worker keeps the activations it reuses, so a
+    smaller unit costs little more than its rows."""
+    if not todo or len(todo) >= 2 * workers:
+        return list(todo)
+    pieces = -(-2 * workers // len(todo))  # ceil
+    units = []
+    for target, ratios in todo:
+        ratios = list(ratios)
+        n = min(pieces, len(ratios))
+        bounds = [round(i * len(ratios) / n) for i in range(n + 1)]
+        units.extend((target, ratios[a:b]) for a, b in zip(bounds, bounds[1:]))
+    return units
 
 
 def _wait_for(ray: Any, tasks: list, cancel: CancelToken | None, address: str) -> list:

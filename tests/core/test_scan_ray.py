@@ -20,6 +20,7 @@ from studio.core.data import load_data  # noqa: E402
 from studio.core.errors import Cancelled, StudioError  # noqa: E402
 from studio.core.jobs import CancelToken  # noqa: E402
 from studio.core.models import load_model  # noqa: E402
+from studio.core.scan_ray import split_units  # noqa: E402
 from studio.core.sensitivity import SensitivityScan  # noqa: E402
 from studio.core.sensitivity_types import ScanSettings  # noqa: E402
 
@@ -77,6 +78,33 @@ def test_ray_scan_gives_the_in_process_rows(local_ray, demo):
     assert len(stats.units) == 12  # one unit a target, each with every ratio
     assert all(rows == len(RATIOS) for _, rows, _ in stats.units)
     assert stats.object_bytes > 1_000_000  # the demo's weights and the images went once
+
+
+def test_few_targets_are_split_across_workers(local_ray, demo):
+    model, data = demo
+    settings = ScanSettings("structured", "accuracy", "exact", (0.1, 0.3, 0.5, 0.7), "l2", 64)
+    here = SensitivityScan(model, data, settings, use_cache=False)
+    here.prepare()
+    list(here.run())
+    scan = _on_ray(model, data, settings)
+    scan.prepare()
+    first = scan.report.targets[0].name
+    # every target but the first already measured: what is left is one target, and two workers
+    scan.report.rows.extend(r for r in here.report.rows if r.layer != first)
+    new = list(scan.run())
+    assert sorted((r.layer, r.ratio) for r in new) == [(first, r) for r in settings.ratios]
+    assert scan.ray_stats.workers == 2
+    assert [rows for _, rows, _ in scan.ray_stats.units] == [1, 1, 1, 1]
+    assert _diff(_rows(here), _rows(scan)) <= 1e-6
+
+
+def test_split_units():
+    todo = [("a", [0.1, 0.2, 0.3, 0.4, 0.5]), ("b", [0.5])]
+    assert split_units(todo, 1) == todo  # two targets for one worker: as they are
+    assert split_units(todo, 2) == [("a", [0.1, 0.2]), ("a", [0.3, 0.4, 0.5]), ("b", [0.5])]
+    many = split_units([("a", [0.1 * i for i in range(1, 10)])], 64)
+    assert len(many) == 9 and all(len(ratios) == 1 for _, ratios in many)
+    assert split_units([], 4) == []
 
 
 def test_ray_scan_unstructured(local_ray, demo):
