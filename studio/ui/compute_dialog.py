@@ -4,7 +4,8 @@ The choice is the session's :class:`~studio.core.cluster.Compute`, kept in the s
 settings. "Check connection" starts or joins Ray in the background
 (:func:`studio.core.cluster.check_connection`) and lists the cluster's nodes with their CPUs
 and GPUs; a failure is one line in the dialog. Without Ray installed the Ray choice is off and
-the dialog names the command that installs it.
+the dialog names the command that installs it. Choosing this machine again ends the Ray
+connection (a local instance stops) once no job is running.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
 )
 
-from studio.core.cluster import INSTALL_HINT, ClusterInfo, Compute, check_connection, ray_available
+from studio.core.cluster import (
+    INSTALL_HINT,
+    Cluster,
+    ClusterInfo,
+    Compute,
+    check_connection,
+    ray_available,
+)
 from studio.core.errors import StudioError
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import Session
@@ -165,7 +173,15 @@ class ComputeDialog(QDialog):
         self.session.set_compute(compute)
         save_compute(self.settings, compute)
         self.session.log(f"Scans and fine-tuning run on {compute.describe()}")
+        self._release(compute)
         super().accept()
+
+    def _release(self, compute: Compute) -> Job | None:
+        """Back on this machine: end the Ray connection (stopping a local instance and the
+        memory it holds) in the background, unless a job may still be using it."""
+        if compute.on_ray or Cluster._current is None or self.runner.is_busy():
+            return None
+        return self.runner.start("Stopping Ray", lambda progress, cancel: Cluster.shutdown())
 
     # --- reactions -----------------------------------------------------------------------
 

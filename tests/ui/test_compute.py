@@ -104,5 +104,17 @@ def test_check_lists_nodes_and_a_scan_runs_there(qtbot, parts) -> None:
         assert panel.where.text().startswith("Runs on local Ray at 127.0.0.1:")
         assert len(panel.report.rows) == len(panel.report.targets) == 12
         assert panel.status.text().startswith("Done: 12 cells, 12 measured")
+
+        # back to this machine: the local instance is stopped
+        again = ComputeDialog(session, runner, settings)
+        qtbot.addWidget(again)
+        assert again.ray.isChecked() and again.address.currentText() == "local"
+        again.here.setChecked(True)
+        with qtbot.waitSignal(runner.finished, timeout=60_000):
+            again.accept()
+        assert session.compute == Compute() and Cluster._current is None
+        import ray
+
+        assert not ray.is_initialized()
     finally:
         Cluster.shutdown()
