@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from studio.core.errors import StudioError
+from studio.core.errors import StudioError, first_line
 
 INSTALL_HINT = "bash packaging/install.sh --ray  (or: pip install 'pruning-studio[ray]')"
 LOCAL = "local"
@@ -214,7 +214,7 @@ class Cluster:
             self.info.nodes = _nodes(ray)
         except Exception as exc:
             raise StudioError(
-                f"lost the connection to Ray at {self.address}: {_first(exc)}"
+                f"lost the connection to Ray at {self.address}: {first_line(exc)}"
             ) from None
         return self.info
 
@@ -299,7 +299,7 @@ def _reachable(ray: ModuleType, address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except (OSError, ValueError) as exc:
-        raise StudioError(f"could not connect to Ray at {address}: {_first(exc)}") from None
+        raise StudioError(f"could not connect to Ray at {address}: {first_line(exc)}") from None
 
 
 def _package_dir() -> str:
@@ -327,11 +327,6 @@ def _nodes(ray: ModuleType) -> list[NodeInfo]:
     return nodes
 
 
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
 def _connect_message(address: str, exc: BaseException) -> str:
     text = str(exc)
     if "auth" in text.lower() or "token" in text.lower() or "UNAUTHENTICATED" in text:
@@ -341,9 +336,9 @@ def _connect_message(address: str, exc: BaseException) -> str:
             "`ray get-auth-token` there prints it)"
         )
     if address == LOCAL:
-        return f"could not start a local Ray instance: {_first(exc)}"
+        return f"could not start a local Ray instance: {first_line(exc)}"
     return (
-        f"could not connect to Ray at {address}: {_first(exc)} (a cluster with token "
+        f"could not connect to Ray at {address}: {first_line(exc)} (a cluster with token "
         "authentication needs its token in RAY_AUTH_TOKEN or ~/.ray/auth_token)"
     )
 

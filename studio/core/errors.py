@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # torch and Ray colour parts of their messages
+
 
 class StudioError(Exception):
     """An error caused by the user's input or environment, shown as one line, no traceback."""
@@ -12,3 +16,10 @@ class Cancelled(StudioError):
 
     def __init__(self, message: str = "cancelled by the user") -> None:
         super().__init__(message)
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, without terminal colour codes."""
+    text = ANSI_CODES.sub("", str(error)).strip()
+    line = text.splitlines()[0].strip() if text else type(error).__name__
+    return line if len(line) <= 240 else line[:237] + "..."

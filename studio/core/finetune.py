@@ -245,20 +245,8 @@ class FinetuneJob:
             elif eligible:
                 stale += 1
             stopped = bool(s.early_stopping_patience and stale >= s.early_stopping_patience)
-            record = TrainRecord(
-                "epoch",
-                step,
-                float(epoch + 1),
-                _epoch_loss(self.history, epoch),
-                lr,
-                weight_sparsity(module),
-                _epoch_speed(self.history, epoch),
-                val_accuracy=metrics.get("accuracy"),
-                val_loss=metrics.get("loss"),
-                agreement=metrics.get("agreement"),
-                is_best=is_best,
-                ratio_scale=pruner.scale if pruner else None,
-            )
+            scale = pruner.scale if pruner else None
+            record = epoch_record(self.history, step, epoch, lr, module, metrics, is_best, scale)
             self.history.append(record)
             seconds = prior_seconds + time.monotonic() - started
             if self.checkpoint_dir is not None:
@@ -418,6 +406,34 @@ def _better(new: dict[str, Any], old: dict[str, Any], metric: str) -> bool:
     if abs(a - b) > 1e-9:
         return a > b
     return (new.get("loss") or math.inf) < (old.get("loss") or math.inf) - LOSS_TOLERANCE
+
+
+def epoch_record(
+    history: list[TrainRecord],
+    step: int,
+    epoch: int,
+    lr: float,
+    module: nn.Module,
+    metrics: dict[str, Any],
+    is_best: bool,
+    ratio_scale: float | None = None,
+) -> TrainRecord:
+    """The record at the end of ``epoch`` (0-based): its steps' mean loss and speed from
+    ``history``, the module's sparsity, the validation ``metrics``."""
+    return TrainRecord(
+        "epoch",
+        step,
+        float(epoch + 1),
+        _epoch_loss(history, epoch),
+        lr,
+        weight_sparsity(module),
+        _epoch_speed(history, epoch),
+        val_accuracy=metrics.get("accuracy"),
+        val_loss=metrics.get("loss"),
+        agreement=metrics.get("agreement"),
+        is_best=is_best,
+        ratio_scale=ratio_scale,
+    )
 
 
 def _epoch_loss(history: list[TrainRecord], epoch: int) -> float:

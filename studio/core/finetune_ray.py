@@ -48,7 +48,7 @@ from typing import Any
 
 from studio.core.cluster import LOCAL, Cluster, require_ray
 from studio.core.data import DataSet
-from studio.core.errors import Cancelled, StudioError
+from studio.core.errors import Cancelled, StudioError, first_line
 from studio.core.finetune import FinetuneJob
 from studio.core.finetune_ray_worker import RunChannel, train_loop
 from studio.core.jobs import CancelToken, PauseToken, ProgressFn, check, report
@@ -156,7 +156,7 @@ class RayFinetuneJob(FinetuneJob):
                               self.cpus_per_worker)  # fmt: skip
         except Exception as exc:
             raise StudioError(
-                f"lost the connection to Ray at {self.address}: {_first(exc)}"
+                f"lost the connection to Ray at {self.address}: {first_line(exc)}"
             ) from None
         end: dict[str, Any] | None = None
         done = False  # the task has ended (or was killed): nothing left to stop
@@ -188,7 +188,7 @@ class RayFinetuneJob(FinetuneJob):
             raise
         except Exception as exc:  # the driver's connection, or the task's process
             check(cancel)  # killed on purpose
-            raise StudioError(f"a Ray worker was lost: {_first(exc)}") from None
+            raise StudioError(f"a Ray worker was lost: {first_line(exc)}") from None
         finally:
             _stop(ray, fit, channel, done)
         check(cancel)
@@ -217,7 +217,9 @@ class RayFinetuneJob(FinetuneJob):
             except Exception as exc:  # a module that does not pickle (hooks, lambdas, ...)
                 what = {"student": self.student.name, "train": self.train.name,
                         "val": self.val.name}.get(key, "the teacher")  # fmt: skip
-                raise StudioError(f"cannot send {what} to the Ray workers: {_first(exc)}") from None
+                raise StudioError(
+                    f"cannot send {what} to the Ray workers: {first_line(exc)}"
+                ) from None
         return dict(
             refs,
             settings=self.settings,
@@ -296,7 +298,7 @@ def _failure(exc: BaseException) -> tuple[str, str]:
 
 def _clean(exc: BaseException) -> str:
     """The first line of an error without gloo's source location and advice."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", _first(exc))
+    text = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc))
     return text.split(". This is typically")[0].rstrip(".")
 
 
@@ -314,8 +316,3 @@ def _stop(ray: Any, fit: Any, channel: Any, done: bool) -> None:
         ray.kill(channel)
     except Exception:
         pass
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

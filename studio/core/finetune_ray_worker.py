@@ -31,7 +31,7 @@ from torch import nn
 
 from studio.core import checkpoint as ckpt
 from studio.core.evaluate import predict
-from studio.core.finetune import RECORDS_PER_EPOCH, _better, _epoch_loss, _epoch_speed
+from studio.core.finetune import RECORDS_PER_EPOCH, _better, epoch_record
 from studio.core.train_parts import (
     capture_masks,
     make_optimizer,
@@ -237,19 +237,7 @@ class _Lead:
         else:
             self.stale += 1
         patience = self.settings.early_stopping_patience
-        record = TrainRecord(
-            "epoch",
-            step,
-            float(epoch + 1),
-            _epoch_loss(self.history, epoch),
-            lr,
-            weight_sparsity(self.module),
-            _epoch_speed(self.history, epoch),
-            val_accuracy=metrics.get("accuracy"),
-            val_loss=metrics.get("loss"),
-            agreement=metrics.get("agreement"),
-            is_best=is_best,
-        )
+        record = epoch_record(self.history, step, epoch, lr, self.module, metrics, is_best)
         self._send(record)
         return bool(patience and self.stale >= patience)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from studio.core import zoo
-from studio.core.errors import StudioError
+from studio.core.errors import ANSI_CODES, StudioError, first_line
 from studio.core.models import EAGER, EXPORTED, TORCHSCRIPT, LoadedModel
 
 TORCH_SAVE, TORCH_LEGACY, TORCHSCRIPT_ZIP, EXPORT_ZIP, ONNX_FILE = (
@@ -36,7 +36,6 @@ _NOT_A_MODEL = "not a PyTorch, TorchScript or ONNX file"
 _TRUST_HINT = (
     "pass --trust-pickle (CLI) or confirm in the dialog (GUI) only if you trust its source"
 )
-_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 # torch.save's legacy (non-zip) format starts by pickling this number (as a LONG1)
 _LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 # keys under which training scripts commonly nest the weights in a checkpoint dict
@@ -138,13 +137,6 @@ def resolve_input_shape(
     return tuple(d if isinstance(d, int) else 1 for d in dims)
 
 
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message, without terminal colour codes."""
-    text = _ANSI_CODES.sub("", str(error)).strip()
-    line = text.splitlines()[0].strip() if text else type(error).__name__
-    return line if len(line) <= 240 else line[:237] + "..."
-
-
 def _zip_format(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
@@ -210,7 +202,7 @@ def _damaged(path: Path, error: BaseException) -> StudioError:
 def _refusal(error: BaseException) -> str:
     """Why torch's safe unpickler refused the file: the Python name the pickle imports when torch
     names one, otherwise its reason (junk after torch's header lands here too)."""
-    text = _ANSI_CODES.sub("", str(error)).split("Check the documentation")[0]
+    text = ANSI_CODES.sub("", str(error)).split("Check the documentation")[0]
     match = re.search(r"GLOBAL ([\w.]+)", text)
     if match:
         return f"needs to run code from the file to load it (a pickled Python object: {match[1]})"
