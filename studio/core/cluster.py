@@ -156,6 +156,8 @@ class Cluster:
             current = cls._current
             if current is not None and current.address == address and ray.is_initialized():
                 return current
+            if address != LOCAL:  # before ending the connection there is: it may be the only one
+                _reachable(ray, address)
             if current is not None:
                 _OWNER.call(current._disconnect, ray)
             cluster = cls(address, cpus)
@@ -173,11 +175,12 @@ class Cluster:
             cls._current = None
 
     def _connect(self, ray: ModuleType) -> None:
+        if self.address == LOCAL:
+            _loopback_only(ray)  # refuses first: nothing that runs is ended for nothing
         if ray.is_initialized():  # made elsewhere in this process: replaced by ours
             ray.shutdown()
         try:
             if self.address == LOCAL:
-                _loopback_only(ray)
                 context = ray.init(
                     num_cpus=self.cpus or os.cpu_count() or 1,
                     include_dashboard=False,
@@ -186,7 +189,6 @@ class Cluster:
                     logging_level="ERROR",
                 )
             else:
-                _reachable(ray, self.address)
                 context = ray.init(
                     address=self.address,
                     log_to_driver=False,
