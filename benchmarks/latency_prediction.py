@@ -1,16 +1,24 @@
 """Latency prediction accuracy: predicted vs measured ONNX Runtime latency of 30 random
-structured plans per model (random per-group ratios), at batch 1 and 32.
+structured plans per model (random per-group ratios in [0, 0.7]), at batch 1 and 32.
 
     python benchmarks/latency_prediction.py [--models demo,zoo:mobilenetv2] [--plans 30]
-        [--threads 1] [--repeats 5] [--seed 1234] [--no-fit]
+        [--threads 1] [--passes 16] [--seed 1234] [--recalibrate]
 
-Each pruned model is timed side by side with the unpruned one (alternating blocks, so both see
-the same load on a shared machine) in ``--repeats`` passes over all plans (a plan's repeats are
-spread over the run); the median is the measured latency.
-Printed per model and batch: the share of plans predicted within +-10 % of the measured
-median and the worst error; "normalised" rescales the prediction by the unpruned model's
-measured/predicted ratio of the same repeat (what remains when the machine's load is factored
-out). The predictor is built first (micro-benchmarks and fit are cached; their time is shown).
+The predictor is built first (micro-benchmarks and the per-model fit are cached on disk;
+``--recalibrate`` makes both afresh; the time is shown). The unpruned model and every plan are
+then timed in ``--passes`` interleaved passes (each gets one short block of runs per pass, the
+passes spread over the whole timing, as the fit times its variants: studio.core.latency_fit).
+Printed per model and batch, the share of plans predicted within +-10 % and the worst error,
+against two measured figures of each plan:
+
+- quiet: the median of its fastest pass, its latency on the undisturbed machine;
+- all runs: the median of all its passes, whatever else the machine was doing.
+
+and, for each, how repeatable the measurement itself is: the share of plans whose figure from
+the odd passes and from the even passes agree within +-10 % (no prediction can be checked to
++-10 % more often than the measurement repeats). "anchored" rescales the predictions so that
+the unpruned model's equals its measured figure (as the Latency tab anchors to a fresh
+measurement).
 """
 
 from __future__ import annotations
@@ -28,10 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studio.core import export_onnx  # noqa: E402
 from studio.core.latency import onnx_session  # noqa: E402
+from studio.core.latency_fit import quiet, time_passes  # noqa: E402
 from studio.core.latency_predict import LatencyPredictor  # noqa: E402
 from studio.core.models import load_model  # noqa: E402
 from studio.core.plan import PruningPlan  # noqa: E402
 from studio.core.prune import prune  # noqa: E402
+
+
+def share(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
+    error = predicted / measured - 1.0
+    return float(np.mean(np.abs(error) <= 0.10)), float(error[np.argmax(np.abs(error))])
 
 
 def main() -> int:
@@ -40,10 +54,9 @@ def main() -> int:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--plans", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget", type=float, default=0.3, help="seconds per timing round")
+    parser.add_argument("--passes", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--no-fit", action="store_true", help="the table alone, no model fit")
+    parser.add_argument("--recalibrate", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -53,70 +66,70 @@ def main() -> int:
         predictors = {}
         for batch in batches:
             began = time.perf_counter()
-            predictors[batch] = LatencyPredictor.build(
-                model, batch=batch, threads=args.threads, fit=not args.no_fit
+            predictors[batch] = p = LatencyPredictor.build(
+                model, batch=batch, threads=args.threads, recalibrate=args.recalibrate
             )
-            p = predictors[batch]
             print(
                 f"{spec} batch {batch}: predictor built in {time.perf_counter() - began:.1f}s "
-                f"({p.calibrated_points} new micro-benchmarks, fit error {p.fit_error:.1%})",
+                f"({p.calibrated_points} new micro-benchmarks; fit on its variants: worst "
+                f"{p.fit_error:.1%}; scales {dict(zip(p.groups, np.round(p.coef, 2)))}, extra "
+                f"{p.coef[-2]:.2f}, constant {p.coef[-1]:.3f} ms)",
                 flush=True,
             )
         cost = predictors[batches[0]].cost
         rng = np.random.default_rng(args.seed)
-        original = onnx_session(model, args.threads)
-        plans, sessions = [], []
+        sessions = [onnx_session(model, args.threads)]
+        plans = []
         for _ in range(args.plans):
             ratios = dict(zip(cost.names, rng.uniform(0.0, 0.7, len(cost.names)).tolist()))
-            plan = PruningPlan("structured", "l1", ratios, recalibrate_bn=False)
-            plans.append(plan)
-            sessions.append(onnx_session(prune(model, plan).model, args.threads))
+            plans.append(PruningPlan("structured", "l1", ratios, recalibrate_bn=False))
+            sessions.append(onnx_session(prune(model, plans[-1]).model, args.threads))
         predict_us: list[float] = []
-        predicted = {b: [] for b in batches}
-        for batch in batches:
-            for plan in plans:
-                t0 = time.perf_counter()
-                predicted[batch].append(predictors[batch].predict(plan).total_ms)
-                predict_us.append((time.perf_counter() - t0) * 1e6)
-        # passes over all plans, so that the repeats of one plan are spread over time and a
-        # burst of load from other processes touches one repeat, not all
-        rounds: dict[tuple[int, int], list[list[float]]] = {}
-        for repeat in range(args.repeats):
-            for batch in batches:
-                x = model.example_input(batch).numpy()
-                for i, sess in enumerate(sessions):
-                    pair = export_onnx.latencies_ms([original, sess], x, args.budget)
-                    rounds.setdefault((batch, i), []).append(pair)
-            print(f"  pass {repeat + 1}/{args.repeats} done", flush=True)
-        errors: dict[int, list[float]] = {b: [] for b in batches}
-        normalised: dict[int, list[float]] = {b: [] for b in batches}
         for batch in batches:
             p = predictors[batch]
-            for i in range(len(plans)):
-                pairs = rounds[(batch, i)]
-                measured = statistics.median(r[1] for r in pairs)
-                scale = statistics.median(r[0] / r[1] for r in pairs)  # original / pruned
-                guess = predicted[batch][i]
-                errors[batch].append(guess / measured - 1.0)
-                # the prediction relative to the unpruned model's, times its measurement
-                normalised[batch].append(guess / p.original_ms * scale - 1.0)
+            predicted = [p.predict({})]
+            for plan in plans:
+                t0 = time.perf_counter()
+                predicted.append(p.predict(plan))
+                predict_us.append((time.perf_counter() - t0) * 1e6)
+            guess = np.array([x.total_ms for x in predicted])
+            x = model.example_input(batch).numpy()
+            runners = [lambda s=s, x=x: export_onnx.run(s, x) for s in sessions]
+            began = time.perf_counter()
+            passes = time_passes(
+                runners, args.passes, lambda f, t, b=batch: print(f"  batch {b}: {t}", flush=True)
+            )
+            seconds = time.perf_counter() - began
+            figures = {
+                "quiet": (quiet(passes), quiet(passes[0::2]), quiet(passes[1::2])),
+                "all runs": tuple(
+                    np.median(a, axis=0) for a in (passes, passes[0::2], passes[1::2])
+                ),
+            }
+            for i in range(1, len(sessions)):
+                calm, every = figures["quiet"][0][i], figures["all runs"][0][i]
                 print(
-                    f"  plan {i + 1:2d} batch {batch:2d}: predicted {guess:8.3f} ms, "
-                    f"measured {measured:8.3f} ms ({errors[batch][-1]:+.1%}; "
-                    f"normalised {normalised[batch][-1]:+.1%})",
+                    f"  plan {i:2d} batch {batch:2d}: predicted {guess[i]:8.3f} ms, measured "
+                    f"quiet {calm:8.3f} ms ({guess[i] / calm - 1:+.1%}), "
+                    f"all runs {every:8.3f} ms ({guess[i] / every - 1:+.1%})",
                     flush=True,
                 )
-        for batch in batches:
-            e, n = np.abs(errors[batch]), np.abs(normalised[batch])
             lines.append(
-                f"{spec:<16} batch {batch:2d}: within +-10%: {np.mean(e <= 0.10):5.0%} "
-                f"(worst {max(errors[batch], key=abs):+.1%}); normalised: "
-                f"{np.mean(n <= 0.10):5.0%} (worst {max(normalised[batch], key=abs):+.1%})"
+                f"{spec} batch {batch}: unpruned predicted {guess[0]:.3f} ms, measured quiet "
+                f"{figures['quiet'][0][0]:.3f} ms, all runs {figures['all runs'][0][0]:.3f} ms; "
+                f"{args.passes} passes in {seconds:.0f}s"
             )
-        lines.append(
-            f"{spec:<16} predict(): median {statistics.median(predict_us):.0f} us per call"
-        )
-    print("\nthreads", args.threads, "| plans", args.plans, "| repeats", args.repeats)
+            for name, (measured, odd, even) in figures.items():
+                within, worst = share(guess[1:], measured[1:])
+                anchored, worst_a = share(guess[1:] / guess[0] * measured[0], measured[1:])
+                repeat = float(np.mean(np.abs(odd[1:] / even[1:] - 1.0) <= 0.10))
+                lines.append(
+                    f"  {name:>8}: within +-10%: {within:4.0%} (worst {worst:+.1%}); "
+                    f"anchored: {anchored:4.0%} (worst {worst_a:+.1%}); "
+                    f"measurement repeats within +-10%: {repeat:4.0%}"
+                )
+        lines.append(f"{spec} predict(): median {statistics.median(predict_us):.0f} us per call")
+    print(f"\nthreads {args.threads} | plans {args.plans} | passes {args.passes}")
     for line in lines:
         print(line)
     return 0

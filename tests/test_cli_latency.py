@@ -24,7 +24,6 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def quick(monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(latency_fit, "FIT_BUDGET_S", 0.1)
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     yield

@@ -60,7 +60,7 @@ from studio.core.paths import cache_dir
 from studio.core.plan import PruningPlan
 
 CACHE_VERSION = 2  # 2: NCHWc regimes by ONNX Runtime's real rule, minimum of PASSES passes
-FIT_VERSION = 7  # the form of the per-model fit (coefficients) cached
+FIT_VERSION = 8  # the form of the per-model fit cached: 8, one scale per layer regime
 FLOOR = 0.2  # a prediction is at least this fraction of the scaled table times
 PASSES = 3  # each micro-benchmark is the fastest of this many passes spread over the build
 PASS_RUNS = 12  # runs per micro-benchmark and pass
@@ -139,9 +139,11 @@ class LatencyPredictor:
         self.cost = cost
         self.layers = layers
         self.runtime, self.batch, self.threads = runtime, batch, threads
-        # the model's fit: scale of the layers' table times, of the extra nodes' times
-        # (reorders, unfused additions and activations), constant
-        self.coef = np.array([1.0, 1.0, 0.0])
+        # the fit's terms: one per layer regime (operator and kernel, see groups()), then the
+        # extra nodes (reorders, unfused additions and activations), then a constant
+        self.groups = sorted({f"{x.cfg.op}-{kind}" for x in layers for kind in x.grids})
+        self._group = {g: i for i, g in enumerate(self.groups)}
+        self.coef = np.array([1.0] * len(self.groups) + [1.0, 0.0])
         self.layout: LayoutGraph | None = None  # ONNX Runtime: the unpruned model's graph
         self.nodes: dict[str, tuple[list[float], list[float]]] = {}  # op -> elements, ms
         self.fit_error = 0.0  # largest relative error of the fit on its measured variants
@@ -222,8 +224,9 @@ class LatencyPredictor:
         fits: dict[str, dict] = {}
         if fit:
             entry = None if recalibrate else cached["fits"].get(fit_key)
-            if entry is None:
+            if entry is None or entry.get("groups") != self.groups:  # a fit of other regimes
                 entry = fit_model(self, model, sub_progress(progress, 0.6, 1.0), cancel)
+                entry["groups"] = self.groups
                 fits[fit_key] = entry
             self.coef = np.array(entry["coef"], float)
             self.fit_error = float(entry.get("error", 0.0))
@@ -249,12 +252,13 @@ class LatencyPredictor:
     def _zero(self) -> np.ndarray:
         return np.zeros(len(self.cost.names))
 
-    def _features(self, r: np.ndarray) -> tuple[np.ndarray, float]:
-        """Table time of every layer after ``r``, and the time of the nodes that the layers'
-        layouts add (reorders, additions and activations that no longer fuse)."""
+    def _features(self, r: np.ndarray) -> tuple[np.ndarray, list[int], float]:
+        """Table time of every layer after ``r``, the index of its regime in :attr:`groups`,
+        and the time of the nodes that the layers' layouts add (reorders, additions and
+        activations that no longer fuse)."""
         out_arr, in_arr = self.cost.channels_vector(r)
         outs, ins = out_arr.tolist(), in_arr.tolist()
-        times = []
+        times, groups = [], []
         onnx = self.runtime == "onnxruntime"
         channels: dict[str, tuple[int, int]] = {}
         for layer in self.layers:
@@ -262,7 +266,10 @@ class LatencyPredictor:
             c_in = ins[layer.in_row] if layer.in_row >= 0 else layer.c_in
             op = layer.cfg.op
             kind = regime(op, c_in, c_out) if onnx else "t"
-            xs, ys, table = layer.fast.get(kind) or next(iter(layer.fast.values()))
+            if kind not in layer.fast:
+                kind = next(iter(layer.fast))
+            xs, ys, table = layer.fast[kind]
+            groups.append(self._group[f"{op}-{kind}"])
             x, y = coordinates(op, kind, c_in, c_out) if onnx else (c_in, c_out)
             times.append(bilinear(xs, ys, table, 0.0 if op == "dwconv" else x, y))
             channels[layer.name] = (int(c_out), int(c_out)) if op == "dwconv" else (c_in, c_out)
@@ -271,17 +278,23 @@ class LatencyPredictor:
             for op, elements in self.layout.simulate(channels, BLOCK).extra:
                 xs, ys = self.nodes[op]
                 extra += linear(xs, ys, elements * self.batch)
-        return np.array(times), extra
+        return np.array(times), groups, extra
+
+    def fit_features(self, r: np.ndarray) -> np.ndarray:
+        """The fit's terms for ratios ``r``: table time per regime, extra nodes, 1."""
+        times, groups, extra = self._features(r)
+        sums = np.bincount(groups, weights=times, minlength=len(self.groups))
+        return np.concatenate([sums, [extra, 1.0]])
 
     def _per_layer(self, r: np.ndarray) -> tuple[np.ndarray, float]:
-        times, extra = self._features(r)
-        return float(self.coef[0]) * times, float(self.coef[1]) * extra
+        times, groups, extra = self._features(r)
+        return self.coef[groups] * times, float(self.coef[-2]) * extra
 
     def predict_ms(self, r: np.ndarray) -> float:
         """Total predicted ms for ratios in the cost model's target order (allocator use)."""
         per_layer, extra = self._per_layer(r)
         layers = float(per_layer.sum())
-        return float(self.anchor * max(layers + extra + float(self.coef[2]), FLOOR * layers))
+        return float(self.anchor * max(layers + extra + float(self.coef[-1]), FLOOR * layers))
 
     def predict(self, plan: PruningPlan | Mapping[str, float]) -> PredictedLatency:
         """Predicted latency of ``plan`` (a plan, or structured ratios by target name)."""
@@ -296,7 +309,7 @@ class LatencyPredictor:
         else:
             r = self.cost.ratio_vector(plan)
         per_layer, extra = self._per_layer(r)
-        return self._result(per_layer, extra + float(self.coef[2]), note)
+        return self._result(per_layer, extra + float(self.coef[-1]), note)
 
     def _predict_blocks(self, plan: PruningPlan) -> PredictedLatency:
         per_layer, extra = self._per_layer(self._zero())
@@ -305,7 +318,7 @@ class LatencyPredictor:
             [not any(layer.name.startswith(g + ".") for g in gone) for layer in self.layers]
         )
         note = "removed blocks: their layers' times taken out (adds and shortcuts kept)"
-        return self._result(np.where(keep, per_layer, 0.0), extra + float(self.coef[2]), note)
+        return self._result(np.where(keep, per_layer, 0.0), extra + float(self.coef[-1]), note)
 
     def _result(self, per_layer: np.ndarray, overhead: float, note: str) -> PredictedLatency:
         """``overhead``: what no single layer accounts for (extra nodes, the fit's constant)."""

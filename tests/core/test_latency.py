@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -131,13 +132,56 @@ def test_predict_monotone_and_without_building(predictor, monkeypatch):
 
 
 def test_fit_is_cached(monkeypatch):
-    monkeypatch.setattr(latency_fit, "FIT_BUDGET_S", 0.1)
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     first = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
-    assert (first.coef[:2] >= 0).all() and first.measured_ms > 0  # the constant may be < 0
+    assert (first.coef[:-1] >= 0).all() and first.measured_ms > 0  # the constant may be < 0
     again = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
     assert again.calibrated_points == 0 and list(again.coef) == list(first.coef)
+
+
+def test_fit_one_scale_per_regime():
+    rng = np.random.default_rng(3)
+    # columns: two regimes' table times, one regime no variant reached, extra nodes, constant
+    features = np.column_stack(
+        [rng.uniform(1, 5, 20), rng.uniform(0, 3, 20), np.zeros(20), rng.uniform(0, 1, 20)]
+        + [np.ones(20)]
+    )
+    truth = np.array([0.8, 1.6, 0.0, 0.5, -0.2])
+    coef = latency_fit.least_squares(features, features @ truth)
+    # close to the truth (each regime's scale is pulled a little towards the shared one)
+    assert coef[[0, 1, 3, 4]] == pytest.approx(truth[[0, 1, 3, 4]], abs=0.05)
+    # the unreached regime gets the scale of all layers' table time together
+    assert 0.8 < coef[2] < 1.6
+    # scales stay >= 0 when the data would pull one below; the constant may go negative
+    skewed = latency_fit.least_squares(features, features @ np.array([1, -0.5, 0, 0.5, 3.0]))
+    assert (skewed[:-1] >= 0).all()
+    # a regime whose time moves with another's does not take a wild scale
+    twin = features.copy()
+    twin[:, 1] = 0.01 * twin[:, 0]
+    assert latency_fit.least_squares(twin, twin @ truth)[1] < 3
+
+
+def test_passes_interleave_and_quiet_keeps_the_fastest_pass():
+    calls: list[str] = []
+    slow_pass = {"n": 0}
+
+    def runner(name: str):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            calls.append(name)
+            time.sleep(0.01 if slow_pass["n"] == 1 else 0.001)
+
+        return run
+
+    def progress(fraction: float, _text: str) -> None:
+        slow_pass["n"] += 1
+
+    passes = latency_fit.time_passes([runner("a"), runner("b")], 3, progress)
+    assert passes.shape == (3, 2)
+    timed = [c for c in calls[4:]]  # after two warm-up runs each
+    assert timed[0] == "a" and "b" in timed[: len(timed) // 3 + 1]  # a's block, then b's
+    assert passes[1].min() > 2 * passes[0].max()  # the slowed pass
+    assert latency_fit.quiet(passes) == pytest.approx(passes[[0, 2]].min(axis=0))
 
 
 def test_latency_target_allocation(predictor):
@@ -217,7 +261,6 @@ def test_machine_profile(predictor):
 
 
 def test_torch_predictor(monkeypatch):
-    monkeypatch.setattr(latency_fit, "FIT_BUDGET_S", 0.1)
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     predictor = LatencyPredictor.build(tiny(), "torch", batch=1, threads=1)
