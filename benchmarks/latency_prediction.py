@@ -69,10 +69,11 @@ def main() -> int:
             predictors[batch] = p = LatencyPredictor.build(
                 model, batch=batch, threads=args.threads, recalibrate=args.recalibrate
             )
+            scales = ", ".join(f"{g} {c:.2f}" for g, c in zip(p.groups, p.coef))
             print(
                 f"{spec} batch {batch}: predictor built in {time.perf_counter() - began:.1f}s "
                 f"({p.calibrated_points} new micro-benchmarks; fit on its variants: worst "
-                f"{p.fit_error:.1%}; scales {dict(zip(p.groups, np.round(p.coef, 2)))}, extra "
+                f"{p.fit_error:.1%}; scales {scales}, extra "
                 f"{p.coef[-2]:.2f}, constant {p.coef[-1]:.3f} ms)",
                 flush=True,
             )

@@ -101,6 +101,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         out["predicted_ms"] = predicted.total_ms
         out["predicted_label"] = predicted.label
         out["prediction_error"] = predicted.total_ms / result.median_ms - 1.0
+        out["prediction_error_quiet"] = predicted.total_ms / result.quiet_ms - 1.0
         out["predicted_layers"] = [layer.to_dict() for layer in predicted.layers]
         out["prediction_note"] = predicted.note
         out["calibrated_points"] = predictor.calibrated_points
@@ -140,10 +141,12 @@ def _print(out: dict, top: int, per_layer: bool) -> None:
         f"p90 {out['p90_ms']:.3f}  {out['throughput']:,.1f} samples/s  "
         f"({out['runs']} runs){stable}"
     )
+    print(f"             quiet  {out['quiet_ms']:.3f} ms (the fastest block of runs' median)")
     if "predicted_ms" in out:
         print(
             f"  estimated  {out['predicted_ms']:.3f} ms by the lookup table "
-            f"(error {out['prediction_error']:+.1%} vs measured)"
+            f"(error {out['prediction_error']:+.1%} vs the median, "
+            f"{out['prediction_error_quiet']:+.1%} vs quiet)"
         )
         if out["prediction_note"]:
             print(f"             {out['prediction_note']}")

@@ -39,6 +39,7 @@ def test_latency_json_measured_and_device(capsys):
     data = json.loads(out)
     for key in ("runtime", "batch", "threads", "median_ms", "p10_ms", "p90_ms", "throughput"):
         assert key in data
+    assert 0 < data["quiet_ms"] <= data["p90_ms"]
     assert data["label"] == "measured" and data["runtime"] == "onnxruntime"
     assert data["layers"] and {"name", "ms"} <= set(data["layers"][0])
     assert "layers.0.conv1" in {layer["name"] for layer in data["layers"]}

@@ -9,25 +9,15 @@ micro-benchmark is the fastest of :data:`PASSES` passes spread over the build. W
 layouts add between them, the reorders into and out of NCHWc and the additions and activations
 that no longer fuse into a convolution, is simulated on the unpruned model's graph for the
 plan's channel counts (:mod:`studio.core.latency_layout`, checked against the graphs ONNX Runtime
-builds) and timed as nodes. A per-model fit ``measured = a * layers + e * extra nodes + b``
-(least squares on the unpruned model and a few pruned variants measured side by side) absorbs
-the profiler's cost per node and the runtime's fixed cost. Table and fit are cached on disk per
-machine, runtime and thread count, so a second build only traces the model.
+builds) and timed as nodes. A per-model fit (:mod:`studio.core.latency_fit`) times the
+unpruned model and 26 pruned variants in interleaved passes, keeps each one's fastest pass
+(its latency on the undisturbed machine: this shared box switches between speed states every
+0.5-2 s, and the median of all runs depends on how many fell into each), and fits one scale per
+layer regime (plain, NCHWc, depthwise, linear: the micro-benchmarks of a lone layer miss what a
+chain of them shares in cache), one for the extra nodes and a constant. Table and fit are cached
+on disk per machine, runtime and thread count, so a second build only traces the model.
 
-What limits it on the shared 2-core development box: a neighbour on the same physical core
-switches the machine between two states for seconds at a time, and plain NCHW convolutions
-(which pruned models have) slow down far more than NCHWc ones (which the unpruned model has):
-measured side by side, four pruned demo plans ran at 0.81/0.93/1.06/0.84 of the unpruned model
-in one state and 1.05/1.14/1.25/1.10 in the other (a 13-to-13 plain convolution took 1.3x a
-16-to-16 NCHWc one in the first, 1.5-1.8x in the second), so no table of this machine's layer
-times can be within +-10 % in both. benchmarks/latency_prediction.py there (1 thread, 30 random
-structured plans, 5 passes), share within +-10 % raw / normalised to the unpruned model
-measured side by side, with the machine otherwise idle (1-minute load about 1, calibration
-made fresh in the same run): demo batch 1 57 % / 70 % (worst -31 % / +16 %), batch 32
-57 % / 67 % (-24 % / -21 %); mobilenetv2 batch 1 10 % / 40 % (+86 % / +26 %), batch 32
-67 % / 23 % (-26 % / +18 %). Earlier, under a load of 3-9: demo 33 % / 23 % and 20 % / 40 %,
-mobilenetv2 60 % / 93 % and 13 % / 77 %. The goal (90 % within +-10 %) is not reached.
-predict(): 0.25-0.46 ms.
+FIGURES
 """
 
 from __future__ import annotations

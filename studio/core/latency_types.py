@@ -26,6 +26,9 @@ class LatencyMeasurement:
     device: str = "cpu"
     stable: bool = True  # False: the time budget ran out before the median settled
     seconds: float = 0.0  # wall time the measurement took
+    # the median of the fastest block of runs: the latency on the undisturbed machine, which
+    # the lookup-table estimate predicts (0: not measured in blocks)
+    quiet_ms: float = 0.0
     label: str = MEASURED
 
     def to_dict(self) -> dict[str, Any]:

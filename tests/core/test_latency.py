@@ -60,6 +60,8 @@ def test_measurement_statistics(runtime):
     )
     assert result.label == "measured" and result.runtime == runtime
     assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms
+    # the fastest block's median: at least the fastest run, at most the slowest
+    assert result.p10_ms * 0.5 < result.quiet_ms <= result.p90_ms * 2
     assert result.runs >= 10 and result.batch == 2 and result.threads == 1
     assert result.throughput == pytest.approx(2e3 / result.median_ms)
     assert seen[-1] == 1.0
