@@ -6,8 +6,9 @@ structured plans per model (random per-group ratios in [0, 0.7]), at batch 1 and
 
 The predictor is built first (micro-benchmarks and the per-model fit are cached on disk;
 ``--recalibrate`` makes both afresh; the time is shown). The unpruned model and every plan are
-then timed in ``--passes`` interleaved passes (each gets one short block of runs per pass, the
-passes spread over the whole timing, as the fit times its variants: studio.core.latency_fit).
+then timed in ``--passes`` interleaved passes, more until ``--seconds`` have passed (each gets
+one short block of runs per pass, the passes spread over the whole timing, as the fit times its
+variants: studio.core.latency_fit).
 Printed per model and batch, the share of plans predicted within +-10 % and the worst error,
 against two measured figures of each plan:
 
@@ -55,6 +56,7 @@ def main() -> int:
     parser.add_argument("--plans", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=30.0, help="at least, per batch")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--recalibrate", action="store_true")
     args = parser.parse_args()
@@ -98,7 +100,10 @@ def main() -> int:
             runners = [lambda s=s, x=x: export_onnx.run(s, x) for s in sessions]
             began = time.perf_counter()
             passes = time_passes(
-                runners, args.passes, lambda f, t, b=batch: print(f"  batch {b}: {t}", flush=True)
+                runners,
+                args.passes,
+                lambda f, t, b=batch: print(f"  batch {b}: {t}", flush=True),
+                min_seconds=args.seconds,
             )
             seconds = time.perf_counter() - began
             figures = {

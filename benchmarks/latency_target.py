@@ -44,6 +44,7 @@ def main() -> int:
     parser.add_argument("--strategies", default="uniform,global")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=30.0, help="at least, per batch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -67,7 +68,9 @@ def main() -> int:
                     sessions.append(onnx_session(prune(model, plan).model, args.threads))
             x = model.example_input(batch).numpy()
             passes = time_passes(
-                [lambda s=s, x=x: export_onnx.run(s, x) for s in sessions], args.passes
+                [lambda s=s, x=x: export_onnx.run(s, x) for s in sessions],
+                args.passes,
+                min_seconds=args.seconds,
             )
             calm, every = quiet(passes), np.median(passes, axis=0)
             print(

@@ -26,6 +26,7 @@ def quick(monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
+    monkeypatch.setattr(latency_fit, "FIT_SECONDS", 0.0)
     yield
     torch.set_num_threads(previous)
 

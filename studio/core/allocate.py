@@ -57,6 +57,7 @@ __all__ = [
 STRATEGIES = ("uniform", "global", "sensitivity")
 TARGET_KINDS = ("params", "macs", "latency")  # latency: by a LatencyPredictor
 TOLERANCE = 0.02  # the achieved fraction lands within this of the target (of the original)
+SCAN = 200  # a latency target scans this many steps of a family before bisecting it
 NM_RATIO = 0.5  # N:M plans are 2:4: a target is either dense or 2 of every 4 zeroed
 BLOCK_EVAL_SAMPLES = 512
 _STEPS = 64
@@ -182,6 +183,10 @@ def _solve(
         )
     if least <= target:
         return family(0.0)
+    if kind == "latency":  # not monotone in channels (layouts): the least pruning that lands
+        for x in np.linspace(0.0, top, SCAN + 1):
+            if abs(fraction(family(x)) - target) <= TOLERANCE:
+                return family(x)
     lo, hi = 0.0, top  # fraction(lo) > target >= fraction(hi)
     for _ in range(_STEPS):
         mid = 0.5 * (lo + hi)

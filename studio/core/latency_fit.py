@@ -31,11 +31,13 @@ from studio.core.plan import PruningPlan
 if TYPE_CHECKING:
     from studio.core.latency_predict import LatencyPredictor
 
-FIT_RATIOS = (0.0, 0.25, 0.5)  # uniform variants measured for the fit, plus FIT_RANDOM plans
-FIT_RANDOM = 24
+FIT_RATIOS = (0.0, 0.2, 0.4, 0.6)  # uniform variants measured for the fit, plus random plans:
+FIT_RANDOM = 24  # half with ratios in [0, 0.7], half in [0.2, 0.9] (targets allocate there)
 FIT_PASSES = 12  # interleaved passes over all variants; each variant's fastest pass is kept
+FIT_SECONDS = 20.0  # and more passes until this long: a pass must see more than one state
 BLOCK_S = 0.02  # a block of runs lasts about this long (at least MIN_BLOCK, at most MAX_BLOCK)
 MIN_BLOCK, MAX_BLOCK = 3, 10
+MAX_PASSES = 1000
 ORIGINAL_WEIGHT = 3.0  # the unpruned model counts this many times in the fit
 RIDGE = 0.03  # pull of each regime's scale towards the shared one (squared-error units)
 
@@ -53,7 +55,10 @@ def fit_model(
     cost = predictor.cost
     rng = np.random.default_rng(0)
     vectors = [np.full(len(cost.names), r) for r in FIT_RATIOS]
-    vectors += [rng.uniform(0.0, 0.7, len(cost.names)) for _ in range(FIT_RANDOM)]
+    vectors += [
+        rng.uniform(*((0.0, 0.7) if i % 2 == 0 else (0.2, 0.9)), len(cost.names))
+        for i in range(FIT_RANDOM)
+    ]
     variants = []
     for i, r in enumerate(vectors):
         check(cancel)
@@ -72,6 +77,7 @@ def fit_model(
         FIT_PASSES,
         lambda f, text: report(progress, 0.3 + 0.7 * f, text),
         cancel,
+        FIT_SECONDS,
     )
     measured = quiet(passes)
     features = np.array([predictor.fit_features(r) for r in vectors])
@@ -131,13 +137,15 @@ def measure_passes(
     passes: int,
     progress: Callable[[float, str], None] | None = None,
     cancel: CancelToken | None = None,
+    min_seconds: float = 0.0,
 ) -> np.ndarray:
-    """The median ms of each model's block of runs in each of ``passes`` interleaved passes
-    (array ``passes x models``); a block lasts about :data:`BLOCK_S`."""
+    """The median ms of each model's block of runs in each of at least ``passes``
+    interleaved passes, more until ``min_seconds`` have passed (array ``passes x models``); a
+    block lasts about :data:`BLOCK_S`."""
     threads = threads or default_threads()
     with torch_threads(threads):
         runners = [_runner(m, runtime, batch, threads, "cpu") for m in models]
-        return time_passes(runners, passes, progress, cancel)
+        return time_passes(runners, passes, progress, cancel, min_seconds)
 
 
 def time_passes(
@@ -145,6 +153,7 @@ def time_passes(
     passes: int,
     progress: Callable[[float, str], None] | None = None,
     cancel: CancelToken | None = None,
+    min_seconds: float = 0.0,
 ) -> np.ndarray:
     """:func:`measure_passes` for callables (warmed up here, sized from the first runs)."""
     blocks = []
@@ -155,16 +164,22 @@ def time_passes(
         run()
         single = time.perf_counter() - t0
         blocks.append(min(MAX_BLOCK, max(MIN_BLOCK, math.ceil(BLOCK_S / max(single, 1e-6)))))
-    out = np.zeros((passes, len(runners)))
-    for p in range(passes):
-        for i, (run, size) in enumerate(zip(runners, blocks)):
+    rows: list[list[float]] = []
+    start = time.perf_counter()
+    while len(rows) < passes or (
+        time.perf_counter() - start < min_seconds and len(rows) < MAX_PASSES
+    ):
+        row = []
+        for run, size in zip(runners, blocks):
             check(cancel)
             times = []
             for _ in range(size):
                 t0 = time.perf_counter()
                 run()
                 times.append((time.perf_counter() - t0) * 1e3)
-            out[p, i] = statistics.median(times)
+            row.append(statistics.median(times))
+        rows.append(row)
         if progress is not None:
-            progress((p + 1) / passes, f"timing pass {p + 1} of {passes}")
-    return out
+            spent = (time.perf_counter() - start) / min_seconds if min_seconds > 0 else 1.0
+            progress(min(1.0, len(rows) / passes, spent), f"timing pass {len(rows)}")
+    return np.array(rows)

@@ -9,13 +9,14 @@ micro-benchmark is the fastest of :data:`PASSES` passes spread over the build. W
 layouts add between them, the reorders into and out of NCHWc and the additions and activations
 that no longer fuse into a convolution, is simulated on the unpruned model's graph for the
 plan's channel counts (:mod:`studio.core.latency_layout`, checked against the graphs ONNX Runtime
-builds) and timed as nodes. A per-model fit (:mod:`studio.core.latency_fit`) times the
-unpruned model and 26 pruned variants in interleaved passes, keeps each one's fastest pass
-(its latency on the undisturbed machine: this shared box switches between speed states every
-0.5-2 s, and the median of all runs depends on how many fell into each), and fits one scale per
-layer regime (plain, NCHWc, depthwise, linear: the micro-benchmarks of a lone layer miss what a
-chain of them shares in cache), one for the extra nodes and a constant. Table and fit are cached
-on disk per machine, runtime and thread count, so a second build only traces the model.
+builds) and timed as nodes. A per-model fit (:mod:`studio.core.latency_fit`) times the unpruned
+model and 27 pruned variants in interleaved passes (20 s at least), keeps each one's fastest
+pass (its latency on the undisturbed machine: this shared box switches between speed states
+every 0.5-2 s, and the median of all runs depends on how many fell into each), and fits one
+scale per layer regime (plain, NCHWc, depthwise, linear: the micro-benchmarks of a lone layer
+miss what a chain of them shares in cache), one for the extra nodes and a constant. Table and
+fit are cached on disk per machine, runtime and thread count, so a second build only traces the
+model.
 
 FIGURES
 """
@@ -50,7 +51,7 @@ from studio.core.paths import cache_dir
 from studio.core.plan import PruningPlan
 
 CACHE_VERSION = 2  # 2: NCHWc regimes by ONNX Runtime's real rule, minimum of PASSES passes
-FIT_VERSION = 8  # the form of the per-model fit cached: 8, one scale per layer regime
+FIT_VERSION = 9  # the per-model fit cached: 8 one scale per layer regime, 9 wider variants
 FLOOR = 0.2  # a prediction is at least this fraction of the scaled table times
 PASSES = 3  # each micro-benchmark is the fastest of this many passes spread over the build
 PASS_RUNS = 12  # runs per micro-benchmark and pass

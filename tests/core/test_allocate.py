@@ -293,3 +293,22 @@ def test_nm_and_blocks_allocation(demo, val64) -> None:
     result = allocate(blocks, plan, "sensitivity", "macs", 0.77, data=val64)
     assert result.active() == {"layers.2": 1.0, "layers.8": 1.0}  # the two least harmful
     assert abs(blocks.fractions(result.ratios)[1] - 0.77) <= 0.02
+
+
+def test_latency_target_scans_a_non_monotone_family(cost):
+    """Latency jumps with layouts: a dip in the uniform ratio, where bisection would stop far
+    below the target; the scan takes the least pruning that lands within the tolerance."""
+
+    class Dip:
+        def __init__(self) -> None:
+            self.cost, self.original_ms = cost, 1.0
+            self.runtime, self.batch, self.threads = "onnxruntime", 1, 1
+
+        def predict_ms(self, r: np.ndarray) -> float:
+            x = float(np.max(r))
+            return 0.4 if 0.25 < x < 0.5 else 1.0 - 0.5 * x
+
+    plan = allocate(cost, PruningPlan("structured"), "uniform", "latency", 0.72, predictor=Dip())
+    x = max(plan.ratios.values())
+    achieved = Dip().predict_ms(np.array([x]))
+    assert abs(achieved - 0.72) <= 0.02 and 0.5 < x < 0.6  # not in the dip

@@ -136,6 +136,7 @@ def test_predict_monotone_and_without_building(predictor, monkeypatch):
 def test_fit_is_cached(monkeypatch):
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
+    monkeypatch.setattr(latency_fit, "FIT_SECONDS", 0.0)
     first = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
     assert (first.coef[:-1] >= 0).all() and first.measured_ms > 0  # the constant may be < 0
     again = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
@@ -265,6 +266,7 @@ def test_machine_profile(predictor):
 def test_torch_predictor(monkeypatch):
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
+    monkeypatch.setattr(latency_fit, "FIT_SECONDS", 0.0)
     predictor = LatencyPredictor.build(tiny(), "torch", batch=1, threads=1)
     names = predictor.cost.names
     result = predictor.predict(dict.fromkeys(names, 0.5))
