@@ -57,7 +57,7 @@ __all__ = [
 STRATEGIES = ("uniform", "global", "sensitivity")
 TARGET_KINDS = ("params", "macs", "latency")  # latency: by a LatencyPredictor
 TOLERANCE = 0.02  # the achieved fraction lands within this of the target (of the original)
-SCAN = 200  # a latency target scans this many steps of a family before bisecting it
+SCAN = 1000  # a latency target tries this many members of a family at most
 NM_RATIO = 0.5  # N:M plans are 2:4: a target is either dense or 2 of every 4 zeroed
 BLOCK_EVAL_SAMPLES = 512
 _STEPS = 64
@@ -183,11 +183,11 @@ def _solve(
         )
     if least <= target:
         return family(0.0)
-    if kind == "latency":  # not monotone in channels (layouts): the least pruning that lands
-        for x in np.linspace(0.0, top, SCAN + 1):
-            if abs(fraction(family(x)) - target) <= TOLERANCE:
-                return family(x)
     lo, hi = 0.0, top  # fraction(lo) > target >= fraction(hi)
+    if kind == "latency":  # not monotone in channels (layouts): scan the family first
+        landed, lo, hi = _scan(family, top, fraction, target)
+        if landed is not None:
+            return landed
     for _ in range(_STEPS):
         mid = 0.5 * (lo + hi)
         if fraction(family(mid)) <= target:
@@ -221,6 +221,28 @@ def _solve(
         f"no {strategy} allocation lands within {TOLERANCE:.0%} of {target:.1%} of the {kind}: "
         f"the nearest are {over:.1%} and {met:.1%} (one step of a large layer)"
     )
+
+
+def _scan(
+    family: Callable[[float], np.ndarray],
+    top: float,
+    fraction: Callable[[np.ndarray], float],
+    target: float,
+) -> tuple[np.ndarray | None, float, float]:
+    """The least pruning in ``family`` that lands within TOLERANCE of ``target``, or None and
+    the neighbouring members (``lo``, ``hi``) across the target whose ``hi`` comes closest to
+    it from below, to bisect and mix between. At most SCAN members are tried (every step of a
+    family of fewer steps)."""
+    xs = np.arange(0.0, top + 1.0) if 1 <= top <= SCAN else np.linspace(0.0, top, SCAN + 1)
+    values = []
+    for x in xs:
+        ratios = family(float(x))
+        values.append(fraction(ratios))
+        if abs(values[-1] - target) <= TOLERANCE:
+            return ratios, 0.0, 0.0
+    pairs = [i for i in range(len(xs) - 1) if values[i] > target >= values[i + 1]]
+    i = max(pairs, key=lambda j: values[j + 1], default=len(xs) - 2)
+    return None, float(xs[i]), float(xs[i + 1])
 
 
 def round_channels(cost: CostModel, ratios: np.ndarray, multiple: int) -> np.ndarray:

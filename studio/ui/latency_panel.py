@@ -54,9 +54,10 @@ COLUMNS = (
     "MACs",
     "Quality",
     "Measured ms (p10–p90)",
+    "Quiet ms",
     "Samples/s",
     "Estimated ms",
-    "Error",
+    "Error vs quiet",
     "Device ms (est.)",
     "Energy mJ (est.)",
     "Memory-bound layers",
@@ -174,6 +175,10 @@ class LatencyPanel(QWidget):
         self.status.setWordWrap(True)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
+        self.table.horizontalHeaderItem(COLUMNS.index("Quiet ms")).setToolTip(
+            "The median of the fastest block of 10 runs: the latency on an undisturbed machine, "
+            "which the estimate predicts (on a shared machine the median of all runs is higher)"
+        )
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
@@ -340,7 +345,7 @@ class LatencyPanel(QWidget):
                 return f"no estimate: {exc}"
             reference = original.measured.get(key)
             if reference is not None:  # the machine's load moves the level, not the ratios
-                predictor.anchor_to(reference.median_ms)
+                predictor.anchor_to(reference.quiet_ms or reference.median_ms)
             for variant in self.variants:
                 plan = variant.plan or PruningPlan()
                 if plan.method != "structured":
@@ -448,7 +453,8 @@ class LatencyPanel(QWidget):
             )
             if m is not None and base is not None and v is not self.variants[0]:
                 measured += f"  {base.median_ms / m.median_ms:.2f}×"
-            error = f"{(est - m.median_ms) / m.median_ms:+.1%}" if m and est else ""
+            calm = (m.quiet_ms or m.median_ms) if m is not None else 0.0
+            error = f"{(est - calm) / calm:+.1%}" if m and est else ""
             device = self._device_cells(v)
             values = (
                 v.name,
@@ -456,6 +462,7 @@ class LatencyPanel(QWidget):
                 fmt.compact(v.macs) if v.macs else fmt.DASH,
                 fmt.percent(v.quality, 2) if v.quality is not None else fmt.DASH,
                 measured,
+                f"{m.quiet_ms:.3f}" if m is not None and m.quiet_ms else "",
                 f"{m.throughput:,.0f}" if m is not None else "",
                 f"{est:.3f}" if est is not None else "",
                 error,

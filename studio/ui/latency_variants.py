@@ -50,15 +50,15 @@ def variants_csv(variants: list[Variant], key: tuple) -> str:
         rows.append(
             [
                 v.name, v.params, v.macs or "", "" if v.quality is None else v.quality,
-                *(("", "", "", "") if m is None else
-                  (m.median_ms, m.p10_ms, m.p90_ms, m.throughput)),
+                *(("", "", "", "", "") if m is None else
+                  (m.median_ms, m.p10_ms, m.p90_ms, m.quiet_ms, m.throughput)),
                 "" if est is None else est, *key,
             ]
         )  # fmt: skip
     header = [
         "variant", "params", "macs", "quality", "measured_median_ms", "measured_p10_ms",
-        "measured_p90_ms", "throughput", "estimated_ms", "runtime", "batch", "threads",
-        "device",
+        "measured_p90_ms", "measured_quiet_ms", "throughput", "estimated_ms", "runtime",
+        "batch", "threads", "device",
     ]  # fmt: skip
     return charts.csv_text(header, rows)
 

@@ -15,7 +15,7 @@ from studio.core.inventory import build_inventory
 from studio.core.models import load_model
 from studio.core.plan import PruningPlan
 from studio.core.prune import prune, prune_targets
-from studio.ui.latency_panel import LatencyPanel
+from studio.ui.latency_panel import COLUMNS, LatencyPanel
 from studio.ui.pareto_chart import pareto_front
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
@@ -78,8 +78,12 @@ def test_measures_estimates_and_plots_every_variant(qtbot, panel: LatencyPanel, 
         assert m.label == "measured" and m.p10_ms <= m.median_ms <= m.p90_ms and m.runs >= 1
         assert v.estimated[key] == (1.0 if v.plan is None else 0.5)
     assert len(panel.predicted) == 2  # type: ignore[attr-defined]
-    assert panel.anchors == [panel.variants[0].measured[key].median_ms]  # type: ignore[attr-defined]
-    assert panel.table.item(1, 6).text() == "0.500" and "%" in panel.table.item(1, 7).text()
+    assert panel.anchors == [panel.variants[0].measured[key].quiet_ms]  # type: ignore[attr-defined]
+    column = {name: i for i, name in enumerate(COLUMNS)}
+    assert panel.table.item(1, column["Estimated ms"]).text() == "0.500"
+    quiet = panel.variants[1].measured[key].quiet_ms
+    assert panel.table.item(1, column["Quiet ms"]).text() == f"{quiet:.3f}"
+    assert panel.table.item(1, column["Error vs quiet"]).text() == f"{0.5 / quiet - 1:+.1%}"
     assert "×" in panel.table.item(1, 4).text()  # speed-up against the original
     assert len(panel.pareto.labels) == 2 and panel.pareto.front  # both have quality and latency
     panel.x_axis.setCurrentIndex(1)
@@ -119,12 +123,15 @@ def test_target_device_roofline_estimates(panel: LatencyPanel) -> None:
     names = [panel.target.itemData(i) for i in range(panel.target.count())]
     assert "rpi4-cortex-a72" in names and len(names) >= 5  # "none" and the bundled profiles
     panel.target.setCurrentIndex(names.index("rpi4-cortex-a72"))
-    original, pruned = (float(panel.table.item(i, 8).text()) for i in range(2))
+    column = {name: i for i, name in enumerate(COLUMNS)}
+    device, energy = column["Device ms (est.)"], column["Energy mJ (est.)"]
+    original, pruned = (float(panel.table.item(i, device).text()) for i in range(2))
     assert 0 < pruned < original  # half the channels: less to compute and to move
-    assert float(panel.table.item(0, 9).text()) > 0 and " of " in panel.table.item(0, 10).text()
+    assert float(panel.table.item(0, energy).text()) > 0
+    assert " of " in panel.table.item(0, column["Memory-bound layers"]).text()
     assert "raspberrypi.com" in panel.source.text()
     panel.table.selectRow(1)
     panel.redraw()
     assert "estimated" in panel.bars.plotItem.titleLabel.text
     panel.target.setCurrentIndex(0)
-    assert panel.table.item(0, 8).text() == ""
+    assert panel.table.item(0, COLUMNS.index("Device ms (est.)")).text() == ""
