@@ -2,7 +2,8 @@
 the requested latency?
 
     python benchmarks/latency_target.py [--models demo,zoo:mobilenetv2] [--batches 1,32]
-        [--fractions 0.6,0.7,0.8,0.9] [--strategies uniform,global] [--threads 1] [--passes 16]
+        [--fractions 0.6,0.7,0.8,0.9] [--strategies uniform,global] [--round-to 1]
+        [--threads 1] [--passes 16] [--seconds 30]
 
 For each model, batch, strategy and fraction, ``allocate(..., "latency", fraction)`` (what
 ``studio prune --target-latency`` does) makes a plan from the latency predictor; the plan is
@@ -44,6 +45,7 @@ def main() -> int:
     parser.add_argument("--strategies", default="uniform,global")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=16)
+    parser.add_argument("--round-to", type=int, default=1, help="channels kept: multiples of")
     parser.add_argument("--seconds", type=float, default=30.0, help="at least, per batch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,7 +60,8 @@ def main() -> int:
                 for fraction in fractions:
                     try:
                         plan = allocate(
-                            predictor.cost, PruningPlan("structured"), strategy, "latency",
+                            predictor.cost, PruningPlan("structured", round_to=args.round_to),
+                            strategy, "latency",
                             fraction, module=model.module, predictor=predictor,
                         )  # fmt: skip
                     except StudioError as exc:

@@ -27,6 +27,7 @@ def quick(monkeypatch):
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     monkeypatch.setattr(latency_fit, "FIT_SECONDS", 0.0)
+    monkeypatch.setattr(latency_fit, "FIT_ROUNDED", 1)
     yield
     torch.set_num_threads(previous)
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 FIT_RATIOS = (0.0, 0.2, 0.4, 0.6)  # uniform variants measured for the fit, plus random plans:
 FIT_RANDOM = 24  # half with ratios in [0, 0.7], half in [0.2, 0.9] (targets allocate there)
+FIT_ROUNDED = 6  # and random plans whose channel counts are multiples of 8 (--round-to 8)
 FIT_PASSES = 12  # interleaved passes over all variants; each variant's fastest pass is kept
 FIT_SECONDS = 20.0  # and more passes until this long: a pass must see more than one state
 BLOCK_S = 0.02  # a block of runs lasts about this long (at least MIN_BLOCK, at most MAX_BLOCK)
@@ -50,14 +51,20 @@ def fit_model(
 ) -> dict:
     """Time the model and its variants in interleaved passes; fit one scale per layer regime
     (see :meth:`LatencyPredictor.groups`), one for the extra nodes and a constant."""
+    from studio.core.allocate import round_channels
     from studio.core.prune import prune
 
     cost = predictor.cost
     rng = np.random.default_rng(0)
-    vectors = [np.full(len(cost.names), r) for r in FIT_RATIOS]
+    n = len(cost.names)
+    vectors = [np.full(n, r) for r in FIT_RATIOS]
     vectors += [
-        rng.uniform(*((0.0, 0.7) if i % 2 == 0 else (0.2, 0.9)), len(cost.names))
+        rng.uniform(*((0.0, 0.7) if i % 2 == 0 else (0.2, 0.9)), n)
         for i in range(FIT_RANDOM)
+    ]
+    vectors += [
+        round_channels(cost, rng.uniform(0.0, 0.3 + 0.6 * (i + 1) / FIT_ROUNDED, n), 8)
+        for i in range(FIT_ROUNDED)
     ]
     variants = []
     for i, r in enumerate(vectors):

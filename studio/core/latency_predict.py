@@ -51,7 +51,7 @@ from studio.core.paths import cache_dir
 from studio.core.plan import PruningPlan
 
 CACHE_VERSION = 2  # 2: NCHWc regimes by ONNX Runtime's real rule, minimum of PASSES passes
-FIT_VERSION = 9  # the per-model fit cached: 8 one scale per layer regime, 9 wider variants
+FIT_VERSION = 10  # the fit cached: 8 a scale per layer regime, 9 wider variants, 10 rounded
 FLOOR = 0.2  # a prediction is at least this fraction of the scaled table times
 PASSES = 3  # each micro-benchmark is the fastest of this many passes spread over the build
 PASS_RUNS = 12  # runs per micro-benchmark and pass

@@ -137,6 +137,7 @@ def test_fit_is_cached(monkeypatch):
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     monkeypatch.setattr(latency_fit, "FIT_SECONDS", 0.0)
+    monkeypatch.setattr(latency_fit, "FIT_ROUNDED", 1)
     first = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
     assert (first.coef[:-1] >= 0).all() and first.measured_ms > 0  # the constant may be < 0
     again = LatencyPredictor.build(tiny(), "onnxruntime", batch=2, threads=1)
@@ -267,6 +268,7 @@ def test_torch_predictor(monkeypatch):
     monkeypatch.setattr(latency_fit, "FIT_RANDOM", 1)
     monkeypatch.setattr(latency_fit, "FIT_PASSES", 1)
     monkeypatch.setattr(latency_fit, "FIT_SECONDS", 0.0)
+    monkeypatch.setattr(latency_fit, "FIT_ROUNDED", 1)
     predictor = LatencyPredictor.build(tiny(), "torch", batch=1, threads=1)
     names = predictor.cost.names
     result = predictor.predict(dict.fromkeys(names, 0.5))
