@@ -3,8 +3,11 @@ CUDA) until its median settles, and a per-layer breakdown from each runtime's pr
 
 Runs are timed in blocks of :data:`BLOCK`; the measurement stops once the median of all runs
 so far moved less than :data:`STABLE` over the last three blocks (and ``min_runs`` are in), or
-when ``max_seconds`` runs out (``stable`` is then False). Prediction without running the model
-is :mod:`studio.core.latency_predict`; target devices are :mod:`studio.core.devices`.
+when ``max_seconds`` runs out (``stable`` is then False). Besides the median of all runs, the
+median of the fastest block (``quiet_ms``): on a machine shared with other work the latency
+while nothing else runs, which the lookup-table estimate predicts. Prediction without running
+the model is :mod:`studio.core.latency_predict`; target devices are
+:mod:`studio.core.devices`.
 """
 
 from __future__ import annotations

@@ -41,7 +41,9 @@ def default_input_shape(name: str) -> tuple[int, ...]:
 def build(
     name: str, input_shape: tuple[int, ...] = _DEFAULT_SHAPE, num_classes: int = 10
 ) -> nn.Module:
-    """Build architecture ``name`` with random weights for ``input_shape`` (B, C, H, W)."""
+    """Build architecture ``name`` with random weights for ``input_shape`` (B, C, H, W); the
+    same weights every time (seeded, without touching the caller's random state), so that a
+    zoo model's fingerprint, and what the caches keep under it, is the same in every run."""
     _check_name(name)
     try:
         shape = tuple(operator.index(d) for d in input_shape)
@@ -55,7 +57,9 @@ def build(
     if num_classes <= 0:
         raise StudioError(f"number of classes must be positive, got {num_classes}")
     _, channels, height, width = shape
-    return _BUILDERS[name](channels, height, width, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _BUILDERS[name](channels, height, width, num_classes)
 
 
 def _check_name(name: str) -> None:
