@@ -2,15 +2,15 @@
 variants timed in interleaved passes, and a bounded least-squares fit of what the lookup table
 does not see.
 
-Timing on a shared machine: another tenant on the same physical core moves this machine
-between speed states for 0.5 to 2 seconds at a time (the demo's unpruned latency at batch 1
-sat at 1.07, 1.3-1.5 or 2.0 ms, by half-second windows), so the median of all runs of a model
-depends on how much of its timing fell into each state, and two measurements of the same plan
-a few minutes apart agreed within 10 % for only 52-80 % of 60 plans. :func:`time_passes` gives
-every model one short block of runs per pass, passes spread over the whole timing, and
-:func:`quiet` keeps the fastest pass's median: the latency on the undisturbed machine, which
-repeated within 10 % for 97-98 % of the same plans (the micro-benchmarks keep the fastest
-pass for the same reason).
+Timing on a shared machine: something outside this VM (presumably another tenant on the same
+physical core) moves it between speed states for 0.5 to 2 seconds at a time (the demo's unpruned
+latency at batch 1 sat at 1.07, 1.3-1.5 or 2.0 ms, by half-second windows), so the median of all
+runs of a model depends on how much of its timing fell into each state, and two measurements of
+the same plan a few minutes apart agreed within 10 % for only 52-80 % of 60 plans.
+:func:`time_passes` gives every model one short block of runs per pass, passes spread over the
+whole timing, and :func:`quiet` keeps the fastest pass's median: the latency on the undisturbed
+machine, which repeated within 10 % for 97-98 % of the same plans (the micro-benchmarks keep the
+fastest pass for the same reason).
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ def fit_model(
     n = len(cost.names)
     vectors = [np.full(n, r) for r in FIT_RATIOS]
     vectors += [
-        rng.uniform(*((0.0, 0.7) if i % 2 == 0 else (0.2, 0.9)), n)
-        for i in range(FIT_RANDOM)
+        rng.uniform(*((0.0, 0.7) if i % 2 == 0 else (0.2, 0.9)), n) for i in range(FIT_RANDOM)
     ]
     vectors += [
         round_channels(cost, rng.uniform(0.0, 0.3 + 0.6 * (i + 1) / FIT_ROUNDED, n), 8)
