@@ -19,12 +19,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from studio.core.jobs import CancelToken, ProgressFn, check, report
 from studio.core.latency import _runner, default_threads, torch_threads
+from studio.core.latency_types import LatencyMeasurement
 from studio.core.models import LoadedModel
 from studio.core.plan import PruningPlan
 
@@ -189,3 +191,20 @@ def time_passes(
             spent = (time.perf_counter() - start) / min_seconds if min_seconds > 0 else 1.0
             progress(min(1.0, len(rows) / passes, spent), f"timing pass {len(rows)}")
     return np.array(rows)
+
+
+def quiet_side_by_side(
+    models: Sequence[LoadedModel],
+    measurements: Sequence[LatencyMeasurement],
+    seconds: float,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> list[LatencyMeasurement]:
+    """``measurements`` (CPU, one per model, same settings) with ``quiet_ms`` from interleaved
+    passes over all the models for ``seconds``: measured one after another, a model whose whole
+    measurement fell into a slow spell of the machine would look slower than its neighbours."""
+    first = measurements[0]
+    passes = measure_passes(
+        models, first.runtime, first.batch, first.threads, 4, progress, cancel, seconds
+    )
+    return [replace(m, quiet_ms=float(q)) for m, q in zip(measurements, quiet(passes))]

@@ -38,6 +38,7 @@ from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, ProgressFn, sub_progress
 from studio.core.latency import default_threads, measure_latency, profile_layers
+from studio.core.latency_fit import quiet_side_by_side
 from studio.core.latency_types import DeviceEstimate
 from studio.core.plan import PruningPlan
 from studio.ui import charts
@@ -324,16 +325,29 @@ class LatencyPanel(QWidget):
             todo = list(self.variants)  # measure again on request
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
-            share = 0.85 / len(todo)
+            share = 0.7 / len(todo)
+            done = {}
             for i, variant in enumerate(todo):
                 step = sub_progress(progress, i * share, (i + 1) * share)
-                result = measure_latency(
+                done[id(variant)] = result = measure_latency(
                     variant.model, runtime, batch, threads, device, max_seconds=budget,
                     progress=step, cancel=cancel,
                 )  # fmt: skip
                 yield ("measured", variant, key, result)
             if device != "cpu":
                 return "estimates are made for the CPU only"
+            side = [v for v in self.variants if id(v) in done or key in v.measured]
+            if len(side) > 1:  # the quiet figures of all variants from interleaved passes
+                results = quiet_side_by_side(
+                    [v.model for v in side],
+                    [done.get(id(v)) or v.measured[key] for v in side],
+                    budget,
+                    sub_progress(progress, 0.7, 0.85),
+                    cancel,
+                )
+                for variant, result in zip(side, results):
+                    done[id(variant)] = result
+                    yield ("measured", variant, key, result)
             try:
                 from studio.core.latency_predict import LatencyPredictor
 
@@ -343,7 +357,7 @@ class LatencyPanel(QWidget):
                 )  # fmt: skip
             except StudioError as exc:
                 return f"no estimate: {exc}"
-            reference = original.measured.get(key)
+            reference = done.get(id(original)) or original.measured.get(key)
             if reference is not None:  # the machine's load moves the level, not the ratios
                 predictor.anchor_to(reference.quiet_ms or reference.median_ms)
             for variant in self.variants:

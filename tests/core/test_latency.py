@@ -188,6 +188,19 @@ def test_passes_interleave_and_quiet_keeps_the_fastest_pass():
     assert latency_fit.quiet(passes) == pytest.approx(passes[[0, 2]].min(axis=0))
 
 
+def test_quiet_side_by_side_replaces_only_the_quiet_figure():
+    models = [tiny(), tiny()]
+    measured = [measure_latency(m, "onnxruntime", 1, 1, max_seconds=0.2) for m in models]
+    again = latency_fit.quiet_side_by_side(models, measured, 0.2)
+    for before, after in zip(measured, again):
+        assert after.quiet_ms > 0 and after.quiet_ms != before.quiet_ms
+        assert (after.median_ms, after.runs, after.p90_ms) == (
+            before.median_ms,
+            before.runs,
+            before.p90_ms,
+        )
+
+
 def test_latency_target_allocation(predictor):
     plan = allocate(
         predictor.cost,
