@@ -234,6 +234,7 @@ def _scan(
     it from below, to bisect and mix between. At most SCAN members are tried (every step of a
     family of fewer steps)."""
     xs = np.arange(0.0, top + 1.0) if 1 <= top <= SCAN else np.linspace(0.0, top, SCAN + 1)
+    xs = np.unique(np.append(xs[xs <= top], top))  # the last member is always tried
     values = []
     for x in xs:
         ratios = family(float(x))

@@ -9,8 +9,8 @@ runs of a model depends on how much of its timing fell into each state, and two 
 the same plan a few minutes apart agreed within 10 % for only 52-80 % of 60 plans.
 :func:`time_passes` gives every model one short block of runs per pass, passes spread over the
 whole timing, and :func:`quiet` keeps the fastest pass's median: the latency on the undisturbed
-machine, which repeated within 10 % for 97-98 % of the same plans (the micro-benchmarks keep the
-fastest pass for the same reason).
+machine, which the two halves of one such timing agreed on within 10 % for 97-98 % of the same
+plans (the micro-benchmarks keep the fastest pass for the same reason).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def fit_model(
     cancel: CancelToken | None,
 ) -> dict:
     """Time the model and its variants in interleaved passes; fit one scale per layer regime
-    (see :meth:`LatencyPredictor.groups`), one for the extra nodes and a constant."""
+    (:attr:`LatencyPredictor.groups`), one for the extra nodes and a constant."""
     from studio.core.allocate import round_channels
     from studio.core.prune import prune
 

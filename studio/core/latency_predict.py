@@ -137,8 +137,8 @@ class LatencyPredictor:
         self.cost = cost
         self.layers = layers
         self.runtime, self.batch, self.threads = runtime, batch, threads
-        # the fit's terms: one per layer regime (operator and kernel, see groups()), then the
-        # extra nodes (reorders, unfused additions and activations), then a constant
+        # the fit's terms: one per layer regime (operator and layout kernel), then the extra
+        # nodes (reorders, unfused additions and activations), then a constant
         self.groups = sorted({f"{x.cfg.op}-{kind}" for x in layers for kind in x.grids})
         self._group = {g: i for i, g in enumerate(self.groups)}
         self.coef = np.array([1.0] * len(self.groups) + [1.0, 0.0])
