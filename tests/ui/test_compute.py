@@ -24,11 +24,16 @@ def parts(qtbot, tmp_path):  # type: ignore[no-untyped-def]
     runner.shutdown(timeout=30)
 
 
+def _dialog(qtbot, parts) -> ComputeDialog:  # type: ignore[no-untyped-def]
+    dialog = ComputeDialog(*parts)
+    qtbot.addWidget(dialog)
+    return dialog
+
+
 def test_without_ray_the_dialog_names_the_install_command(qtbot, parts, monkeypatch) -> None:
     session, runner, settings = parts
     monkeypatch.setattr(compute_dialog, "ray_available", lambda: False)
-    dialog = ComputeDialog(session, runner, settings)
-    qtbot.addWidget(dialog)
+    dialog = _dialog(qtbot, parts)
     assert not dialog.ray.isEnabled() and dialog.here.isChecked()
     assert "packaging/install.sh --ray" in dialog.status.text()
     assert not dialog.address.isEnabled() and not dialog.check.isEnabled()
@@ -39,8 +44,7 @@ def test_without_ray_the_dialog_names_the_install_command(qtbot, parts, monkeypa
 def test_a_bad_address_stays_in_the_dialog(qtbot, parts) -> None:
     pytest.importorskip("ray")
     session, runner, settings = parts
-    dialog = ComputeDialog(session, runner, settings)
-    qtbot.addWidget(dialog)
+    dialog = _dialog(qtbot, parts)
     dialog.ray.setChecked(True)
     dialog.address.setCurrentText("head-without-port")
     dialog.accept()
@@ -56,8 +60,7 @@ def test_a_bad_address_stays_in_the_dialog(qtbot, parts) -> None:
 def test_choice_is_kept_and_shown(qtbot, parts) -> None:
     pytest.importorskip("ray")
     session, runner, settings = parts
-    dialog = ComputeDialog(session, runner, settings)
-    qtbot.addWidget(dialog)
+    dialog = _dialog(qtbot, parts)
     assert dialog.here.isChecked() and not dialog.workers.isEnabled()
     dialog.ray.setChecked(True)
     assert dialog.workers.isEnabled()
@@ -72,8 +75,7 @@ def test_choice_is_kept_and_shown(qtbot, parts) -> None:
 def test_check_lists_nodes_and_a_scan_runs_there(qtbot, parts) -> None:
     pytest.importorskip("ray")
     session, runner, settings = parts
-    dialog = ComputeDialog(session, runner, settings)
-    qtbot.addWidget(dialog)
+    dialog = _dialog(qtbot, parts)
     dialog.ray.setChecked(True)
     dialog.address.setCurrentText("local")
     dialog.workers.setValue(2)
