@@ -26,6 +26,7 @@ from torch import nn
 
 from studio.core.data import DataSet
 from studio.core.jobs import CancelToken, check
+from studio.core.memory_format import nhwc_backward_safe
 
 TAYLOR_BATCH = 64
 
@@ -64,7 +65,9 @@ def taylor_pass(
     wanted = _parameters_needing_gradients(mods, targets, gates, structured)
     params = list(module.parameters())
     saved = [(p.grad, p.requires_grad) for p in params]
-    channels_last = data.x.dim() == 4
+    # NHWC is faster here, but oneDNN's NHWC backward crashes on AVX-512 with channel counts
+    # that do not fill its blocks (studio.core.memory_format)
+    channels_last = data.x.dim() == 4 and nhwc_backward_safe(module)
     sums: dict[str, torch.Tensor] = {}
     outputs, labels = [], []
     try:

@@ -16,6 +16,7 @@ from torch import nn
 from studio.core.data import DataSet
 from studio.core.errors import StudioError
 from studio.core.evaluate import fidelity
+from studio.core.memory_format import standard_layout
 from studio.core.train_types import FinetuneSettings
 
 
@@ -94,6 +95,7 @@ def batch_loss(
 ) -> torch.Tensor:
     """:func:`training_loss` of the model (``forward``) on one batch, with the teacher's
     outputs as the reference when there is a teacher."""
+    xb = standard_layout(xb)  # never NHWC by accident: see studio.core.memory_format
     out = logits_of(forward(xb))
     if teacher is None:
         return training_loss(out, yb, None, settings)

@@ -55,10 +55,14 @@ def augment(
         padded = F.pad(x, (shift, shift, shift, shift), value=background)
         dy = torch.randint(0, 2 * shift + 1, (b, 1), generator=generator).to(x.device)
         dx = torch.randint(0, 2 * shift + 1, (b, 1), generator=generator).to(x.device)
-        rows = (dy + torch.arange(h, device=x.device))[:, :, None]
-        cols = (dx + torch.arange(w, device=x.device))[:, None, :]
-        batch = torch.arange(b, device=x.device)[:, None, None]
-        x = padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+        rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        # indexed on every axis, the result has the standard NCHW strides; indexing rows and
+        # columns alone and permuting gave one-channel batches channels-last strides, which
+        # trained the model in oneDNN's NHWC kernels (studio.core.memory_format)
+        x = padded[batch, channels, rows, cols]
     if settings.flips:
         flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
