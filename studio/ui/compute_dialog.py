@@ -160,7 +160,9 @@ class ComputeDialog(QDialog):
         self._show(f"Connecting to Ray ({address})…")
         self.check.setEnabled(False)
         self.job = self.runner.start(
-            f"Ray connection check ({address})", lambda progress, cancel: check_connection(address)
+            f"Ray connection check ({address})",
+            lambda progress, cancel: check_connection(address),
+            isolate=False,  # the connection is the window's
         )
         return self.job
 
@@ -181,7 +183,9 @@ class ComputeDialog(QDialog):
         memory it holds) in the background, unless a job may still be using it."""
         if compute.on_ray or Cluster._current is None or self.runner.is_busy():
             return None
-        return self.runner.start("Stopping Ray", lambda progress, cancel: Cluster.shutdown())
+        return self.runner.start(
+            "Stopping Ray", lambda progress, cancel: Cluster.shutdown(), isolate=False
+        )
 
     # --- reactions -----------------------------------------------------------------------
 

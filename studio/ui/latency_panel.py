@@ -11,6 +11,7 @@ by micro-benchmarks and cached on disk.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,10 @@ class LatencyPanel(QWidget):
         self.variants: list[Variant] = []
         self.job: Job | None = None
         self.profile_job: Job | None = None
+        # the variants a job's items name by position (the job works on copies of them)
+        self._job_variants: weakref.WeakKeyDictionary[Job, list[Variant]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._measure_after: str | None = None  # launch option: measure once this arrives
         self._estimator: DeviceEstimator | None = None  # roofline rows of the original model
         self.profiles: list[DeviceProfile] = []
@@ -319,12 +324,14 @@ class LatencyPanel(QWidget):
             return None
         runtime, batch, threads, device = key = self.settings_key()
         budget = float(self.budget.value())
-        todo = [v for v in self.variants if key not in v.measured]
-        original = self.variants[0]
+        variants = list(self.variants)  # the job's copy; items name them by position
+        todo = [v for v in variants if key not in v.measured]
+        original = variants[0]
         if not todo:
-            todo = list(self.variants)  # measure again on request
+            todo = list(variants)  # measure again on request
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
+            position = {id(v): i for i, v in enumerate(variants)}
             share = 0.7 / len(todo)
             done = {}
             for i, variant in enumerate(todo):
@@ -333,10 +340,10 @@ class LatencyPanel(QWidget):
                     variant.model, runtime, batch, threads, device, max_seconds=budget,
                     progress=step, cancel=cancel,
                 )  # fmt: skip
-                yield ("measured", variant, key, result)
+                yield ("measured", position[id(variant)], key, result)
             if device != "cpu":
                 return "estimates are made for the CPU only"
-            side = [v for v in self.variants if id(v) in done or key in v.measured]
+            side = [v for v in variants if id(v) in done or key in v.measured]
             if len(side) > 1:  # the quiet figures of all variants from interleaved passes
                 results = quiet_side_by_side(
                     [v.model for v in side],
@@ -347,7 +354,7 @@ class LatencyPanel(QWidget):
                 )
                 for variant, result in zip(side, results):
                     done[id(variant)] = result
-                    yield ("measured", variant, key, result)
+                    yield ("measured", position[id(variant)], key, result)
             try:
                 from studio.core.latency_predict import LatencyPredictor
 
@@ -360,14 +367,15 @@ class LatencyPanel(QWidget):
             reference = done.get(id(original)) or original.measured.get(key)
             if reference is not None:  # the machine's load moves the level, not the ratios
                 predictor.anchor_to(reference.quiet_ms or reference.median_ms)
-            for variant in self.variants:
+            for variant in variants:
                 plan = variant.plan or PruningPlan()
                 if plan.method != "structured":
                     continue
-                yield ("estimated", variant, key, predictor.predict(plan).total_ms)
+                yield ("estimated", position[id(variant)], key, predictor.predict(plan).total_ms)
             return ""
 
         self.job = self.runner.start_stream("Measuring latency", work)
+        self._job_variants[self.job] = variants
         self.status.setText(f"Measuring {len(todo)} variant(s) with {runtime}, batch {batch}…")
         self._update_controls()
         return self.job
@@ -382,9 +390,10 @@ class LatencyPanel(QWidget):
             layers = profile_layers(
                 variant.model, runtime, batch, threads, device, progress=progress, cancel=cancel
             )
-            yield ("layers", variant, key, layers)
+            yield ("layers", 0, key, layers)
 
         self.profile_job = self.runner.start_stream("Per-layer latency", work)
+        self._job_variants[self.profile_job] = [variant]
         self.status.setText(f"Profiling the layers of {variant.name} with {runtime}…")
         self._update_controls()
         return self.profile_job
@@ -401,7 +410,8 @@ class LatencyPanel(QWidget):
     def _on_partial(self, job: Job, item: object) -> None:
         if job not in (self.job, self.profile_job) or not isinstance(item, tuple):
             return
-        kind, variant, key, value = item
+        kind, position, key, value = item
+        variant = self._job_variants[job][position]
         if kind == "measured":
             variant.measured[key] = value
         elif kind == "estimated":

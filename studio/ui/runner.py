@@ -1,11 +1,16 @@
 """The job runner: the only place in the studio where background threads start.
 
-A job is a plain core call ``fn(progress, cancel)`` run on a ``QThreadPool`` thread; a stream
-job is a core generator ``gen(progress, cancel)`` whose items reach the GUI as ``partial``
-signals (one row, one epoch) and whose ``return`` value is the job's result. The worker
-never touches a widget: it emits the runner's private signals, which Qt queues to the GUI thread
-(the runner lives there); the runner updates the :class:`Job` and re-emits its public signals,
-so every slot connected to the runner runs on the GUI thread.
+A job is a plain core call ``fn(progress, cancel)``; a stream job is a core generator
+``gen(progress, cancel)`` whose items reach the GUI as ``partial`` signals (one row, one epoch)
+and whose ``return`` value is the job's result. Each job runs in a process of its own
+(:mod:`studio.core.isolation`), driven from a ``QThreadPool`` thread: a native crash or hang in
+torch, ONNX Runtime or a converted model ends the job (reported as failed, naming the job), not
+the window, and Cancel kills a job that does not stop within half a second. Jobs that must share
+the window's process (the Ray connection, a server the window shows) pass ``isolate=False``; a
+job whose closure does not pickle runs on the thread, with a warning in the log.
+The worker thread never touches a widget: it emits the runner's private signals, which Qt
+queues to the GUI thread (the runner lives there); the runner updates the :class:`Job` and
+re-emits its public signals, so every slot connected to the runner runs on the GUI thread.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import os
 import time
 import traceback
 import weakref
@@ -23,6 +29,7 @@ from typing import Any
 import shiboken6
 from PySide6.QtCore import QObject, QThreadPool, QTimer, Signal, Slot
 
+from studio.core import isolation
 from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken, ProgressFn
 
@@ -47,6 +54,7 @@ class Job:
 
     name: str
     token: CancelToken = field(default_factory=CancelToken)
+    isolate: bool = True  # in a process of its own (studio.core.isolation)
     id: int = field(default_factory=lambda: next(_counter))
     state: str = RUNNING
     fraction: float = 0.0
@@ -122,6 +130,12 @@ def collect_on_gui_thread() -> None:
         _collector = GuiThreadCollector()
 
 
+def isolation_enabled() -> bool:
+    """Jobs run in processes of their own unless ``STUDIO_IN_PROCESS=1`` (for debugging: a
+    crash then ends the window) or the platform cannot."""
+    return isolation.available() and not os.environ.get("STUDIO_IN_PROCESS")
+
+
 def running_job_count() -> int:
     """Jobs still executing on any runner's threads (used by tests to catch dangling work)."""
     return sum(r.thread_count() for r in list(_runners) if shiboken6.isValid(r))
@@ -161,6 +175,8 @@ class JobRunner(QObject):
         collect_on_gui_thread()
         self._worker_done.connect(self._on_worker_done)
         _runners.add(self)
+        if isolation_enabled():
+            isolation.warm_up()  # the first job then starts in milliseconds, not seconds
 
     @property
     def jobs(self) -> list[Job]:
@@ -173,34 +189,38 @@ class JobRunner(QObject):
     def thread_count(self) -> int:
         return self._pool.activeThreadCount()
 
-    def start(self, name: str, fn: Callable[[ProgressFn, CancelToken], Any]) -> Job:
+    def start(
+        self, name: str, fn: Callable[[ProgressFn, CancelToken], Any], isolate: bool = True
+    ) -> Job:
         """Run ``fn(progress, cancel)`` in the background and return its :class:`Job`."""
-        return self._submit(Job(name), fn)
+        return self._submit(Job(name, isolate=isolate), fn, None)
 
     def start_stream(
-        self, name: str, gen: Callable[[ProgressFn, CancelToken], Iterator[Any]]
+        self,
+        name: str,
+        gen: Callable[[ProgressFn, CancelToken], Iterator[Any]],
+        isolate: bool = True,
     ) -> Job:
         """Run the generator ``gen(progress, cancel)``: each item it yields is emitted as
         ``partial(job, item)`` on the GUI thread; what it returns is the job's result."""
+        job = Job(name, isolate=isolate)  # made before the thread starts: items emit with it
 
-        def drain(progress: ProgressFn, cancel: CancelToken) -> Any:
-            items = gen(progress, cancel)
-            while True:
-                try:
-                    item = next(items)
-                except StopIteration as stop:
-                    return stop.value
-                cancel.check()
+        def emit(item: Any) -> None:
+            if not job.token.cancelled:
                 self._worker_partial.emit(job, item)
 
-        job = Job(name)  # made before the thread starts: ``drain`` emits with it
-        return self._submit(job, drain)
+        return self._submit(job, gen, emit)
 
-    def _submit(self, job: Job, fn: Callable[[ProgressFn, CancelToken], Any]) -> Job:
+    def _submit(
+        self,
+        job: Job,
+        fn: Callable[[ProgressFn, CancelToken], Any],
+        on_item: Callable[[Any], None] | None,
+    ) -> Job:
         if self._closed:
             raise RuntimeError("the job runner has been shut down")
         self._jobs.append(job)
-        self._pool.start(lambda: self._execute(job, fn))
+        self._pool.start(lambda: self._execute(job, fn, on_item))
         self.started.emit(job)
         return job
 
@@ -220,7 +240,12 @@ class JobRunner(QObject):
 
     # --- worker thread -------------------------------------------------------------------
 
-    def _execute(self, job: Job, fn: Callable[[ProgressFn, CancelToken], Any]) -> None:
+    def _execute(
+        self,
+        job: Job,
+        fn: Callable[[ProgressFn, CancelToken], Any],
+        on_item: Callable[[Any], None] | None,
+    ) -> None:
         last = [-1.0, 0.0]  # fraction and time of the last forwarded report
 
         def progress(fraction: float, message: str = "") -> None:
@@ -238,7 +263,7 @@ class JobRunner(QObject):
 
         try:
             job.token.check()
-            result = fn(progress, job.token)
+            result = self._call(job, fn, on_item, progress)
         except Cancelled as exc:
             self._worker_done.emit(job, CANCELLED, None, exc, "")
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the GUI
@@ -251,6 +276,30 @@ class JobRunner(QObject):
             # the user asked to stop: a result that arrives anyway is discarded
             state = CANCELLED if job.token.cancelled else FINISHED
             self._worker_done.emit(job, state, result, None, "")
+
+    def _call(
+        self,
+        job: Job,
+        fn: Callable[[ProgressFn, CancelToken], Any],
+        on_item: Callable[[Any], None] | None,
+        progress: ProgressFn,
+    ) -> Any:
+        """``fn`` in its own process when the job is isolated and can be, else here."""
+        if job.isolate and isolation_enabled():
+            try:
+                return isolation.run_isolated(job.name, fn, progress, job.token, on_item)
+            except isolation.NotIsolatable as exc:
+                log.warning("job %s runs in the window's process: %s", job.name, exc)
+        if on_item is None:
+            return fn(progress, job.token)
+        items = fn(progress, job.token)
+        while True:
+            try:
+                item = next(items)
+            except StopIteration as stop:
+                return stop.value
+            job.token.check()
+            on_item(item)
 
     # --- GUI thread ----------------------------------------------------------------------
 

@@ -202,7 +202,8 @@ class SensitivityPanel(QWidget):
 
         self.report = None
         self.heatmap.set_matrix([], [], np.zeros((0, 0)))
-        self.job = self.runner.start_stream("Sensitivity scan", work)
+        on_ray = compute.on_ray and settings.method != "taylor"  # the connection is here
+        self.job = self.runner.start_stream("Sensitivity scan", work, isolate=not on_ray)
         self.session.log(
             f"Sensitivity scan of {model.name} on {data.name}: {settings.mode}, "
             f"{settings.method}, ratios {ratios_text(settings.ratios)}"

@@ -31,7 +31,6 @@ from PySide6.QtWidgets import (
 from studio.core.cluster import Compute
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
-from studio.core.finetune import FinetuneJob
 from studio.core.jobs import CancelToken, PauseToken, ProgressFn
 from studio.core.models import LoadedModel
 from studio.core.pruned_file import save_model
@@ -42,7 +41,14 @@ from studio.ui.runner import Job, JobRunner
 from studio.ui.session import WARNING, Session
 from studio.ui.training_charts import TrainingCharts
 from studio.ui.training_form import TrainingForm
-from studio.ui.training_run import checkpoint_folder, core_job, summary_text, training_split
+from studio.ui.training_run import (
+    RunBaseline,
+    RunStarted,
+    checkpoint_folder,
+    summary_text,
+    training_split,
+    training_stream,
+)
 
 BAR_STEPS = 1000
 MODEL_FILTER = "PyTorch model (*.pt);;torch.export program (*.pt2)"
@@ -58,7 +64,7 @@ class TrainingPanel(QWidget):
         self.session = session
         self.runner = runner
         self.job: Job | None = None
-        self.core_job: FinetuneJob | None = None
+        self.baseline: RunBaseline | None = None  # the run's metrics before training
         self.pause_token = PauseToken()
         self.history: list[TrainRecord] = []
         self.checkpoint: Path | None = None  # folder of the last run started
@@ -198,15 +204,15 @@ class TrainingPanel(QWidget):
         pause, folder, compute = self.pause_token, self.checkpoint, self.session.compute
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
-            job = core_job(student, train, val, settings, teacher, folder, compute, progress)
-            yield job
-            yield from job.run(progress, cancel, pause)
-            return job.result
+            return training_stream(
+                student, train, val, settings, teacher, folder, compute, pause, progress, cancel
+            )
 
         self.history = []
-        self.core_job = None
+        self.baseline = None
         self.charts.reset("accuracy" if val.labelled else "agreement", self._reference())
-        self.job = self.runner.start_stream("Fine-tuning", work)
+        # on Ray the job stays in the window's process, where the connection is
+        self.job = self.runner.start_stream("Fine-tuning", work, isolate=not compute.on_ray)
         self.session.log(
             f"Fine-tuning {student.name}: {settings.epochs} epochs, {settings.optimizer}, "
             f"lr {settings.learning_rate:g}, batch {settings.batch_size}"
@@ -280,20 +286,21 @@ class TrainingPanel(QWidget):
     def _on_partial(self, job: Job, item: object) -> None:
         if job is not self.job:
             return
-        if isinstance(item, FinetuneJob):
-            self.core_job = item
-            where = getattr(item, "where", "this machine")
-            self.where.setText(f"Runs on {where}")
-            if hasattr(item, "where"):
-                self.session.log(f"Fine-tuning runs on {where}")
+        if isinstance(item, RunStarted):
+            self.where.setText(f"Runs on {item.where}")
+            if item.on_ray:
+                self.session.log(f"Fine-tuning runs on {item.where}")
             for record in item.history:  # a continued run: what the checkpoint holds
                 self._add(record)
             return
+        if isinstance(item, RunBaseline):
+            self.baseline = item
+            return
         if isinstance(item, TrainRecord):
-            if not self.history and self.core_job is not None:
-                before = self.core_job.before
+            if not self.history and self.baseline is not None:
+                before = self.baseline.before
                 self.charts.add_start(before.get(self.charts.quality_metric))
-                reference = self.core_job.teacher_metrics.get("accuracy")
+                reference = self.baseline.teacher_metrics.get("accuracy")
                 if reference is not None and self.charts.quality_metric == "accuracy":
                     self.charts.set_reference(reference)
             self._add(item)

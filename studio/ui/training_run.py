@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from studio.core.cluster import Compute
 from studio.core.data import DataSet, matching_training_split
 from studio.core.finetune import FinetuneJob, holdout_split
-from studio.core.jobs import ProgressFn
+from studio.core.jobs import CancelToken, PauseToken, ProgressFn
 from studio.core.models import LoadedModel
 from studio.core.paths import cache_dir
-from studio.core.train_types import RESUMABLE_CHANGES, FinetuneResult, FinetuneSettings
+from studio.core.train_types import (
+    RESUMABLE_CHANGES,
+    FinetuneResult,
+    FinetuneSettings,
+    TrainRecord,
+)
 from studio.ui import format as fmt
 
 
@@ -87,6 +95,49 @@ def core_job(
     return RayFinetuneJob(
         student, train, val, settings, teacher, address=compute.address, workers=workers
     )
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """The first item of a training stream: where it runs, and the records of the checkpointed
+    run it continues (small: the job itself stays in the job's process)."""
+
+    where: str
+    on_ray: bool
+    history: list[TrainRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunBaseline:
+    """Sent before the first record: the student's and the teacher's validation metrics."""
+
+    before: dict[str, Any]
+    teacher_metrics: dict[str, Any]
+
+
+def training_stream(
+    student: LoadedModel,
+    train: DataSet,
+    val: DataSet,
+    settings: FinetuneSettings,
+    teacher: LoadedModel | None,
+    folder: Path,
+    compute: Compute,
+    pause: PauseToken,
+    progress: ProgressFn,
+    cancel: CancelToken,
+) -> Iterator[Any]:
+    """The Training tab's job: :class:`RunStarted`, :class:`RunBaseline`, then the run's
+    :class:`TrainRecord` items; returns the :class:`FinetuneResult`."""
+    job = core_job(student, train, val, settings, teacher, folder, compute, progress)
+    yield RunStarted(getattr(job, "where", "this machine"), compute.on_ray, list(job.history))
+    baseline_sent = False
+    for record in job.run(progress, cancel, pause):
+        if not baseline_sent:
+            yield RunBaseline(dict(job.before), dict(job.teacher_metrics))
+            baseline_sent = True
+        yield record
+    return job.result
 
 
 def summary_text(result: FinetuneResult) -> str:

@@ -1,13 +1,17 @@
-"""The job runner: signals arrive on the GUI thread, errors become messages, cancel works."""
+"""The job runner: signals arrive on the GUI thread, errors become messages, cancel works,
+and jobs run in processes of their own: a native crash or a hang ends the job, not the window."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 import time
 
 import pytest
 
 from studio.core.errors import StudioError
+from studio.core.jobs import PauseToken
 from studio.ui.runner import CANCELLED, FAILED, FINISHED, JobRunner, error_message, estimate_eta
 
 
@@ -32,7 +36,7 @@ def test_progress_and_result_arrive_on_gui_thread(qtbot, runner: JobRunner) -> N
         return 42
 
     with qtbot.waitSignal(runner.finished, timeout=5000) as blocker:
-        job = runner.start("answer", work)
+        job = runner.start("answer", work, isolate=False)  # on a thread of this process
     assert blocker.args == [job, 42]
     assert job.state == FINISHED and job.result == 42
     assert worker_threads[0] is not gui
@@ -62,16 +66,14 @@ def test_unexpected_error_keeps_traceback_for_the_log_only(qtbot, runner: JobRun
 
 
 def test_cancel_stops_a_looping_job_within_a_second(qtbot, runner: JobRunner) -> None:
-    running = threading.Event()
-
     def work(progress, cancel):  # type: ignore[no-untyped-def]
         while True:
-            running.set()
+            progress(0.5, "looping")
             cancel.check()
             time.sleep(0.01)
 
-    job = runner.start("forever", work)
-    assert running.wait(5)
+    with qtbot.waitSignal(runner.progress, timeout=30_000):
+        job = runner.start("forever", work)
     start = time.monotonic()
     with qtbot.waitSignal(runner.cancelled, timeout=1000) as blocker:
         job.cancel()
@@ -144,12 +146,10 @@ def test_stream_items_arrive_in_order_then_the_return_value(qtbot, runner: JobRu
 def test_cancelled_stream_stops_and_emits_nothing_more(qtbot, runner: JobRunner) -> None:
     items: list[int] = []
     runner.partial.connect(lambda job, item: items.append(item))
-    produced: list[int] = []
 
     def endless(progress, cancel):  # type: ignore[no-untyped-def]
         i = 0
         while True:
-            produced.append(i)
             yield i
             i += 1
             time.sleep(0.01)
@@ -160,7 +160,7 @@ def test_cancelled_stream_stops_and_emits_nothing_more(qtbot, runner: JobRunner)
         job.cancel()
     count = len(items)
     qtbot.wait(100)
-    assert job.state == CANCELLED and len(items) == count and count <= len(produced)
+    assert job.state == CANCELLED and len(items) == count and items == list(range(count))
 
 
 def test_garbage_is_collected_on_the_gui_thread_only(qtbot, runner: JobRunner) -> None:
@@ -181,9 +181,92 @@ def test_garbage_is_collected_on_the_gui_thread_only(qtbot, runner: JobRunner) -
     gc.callbacks.append(seen)
     try:
         with qtbot.waitSignal(runner.finished, timeout=30_000):
-            runner.start("churn", churn)
+            runner.start("churn", churn, isolate=False)  # the garbage is made here
         qtbot.wait(1200)  # the GUI-thread collector's timer runs
     finally:
         gc.callbacks.remove(seen)
     assert not gc.isenabled()
     assert threads == {threading.current_thread()}  # collections ran, and only here
+
+
+# ---- jobs in processes of their own -------------------------------------------------------
+
+
+def test_jobs_run_in_a_process_of_their_own(qtbot, runner: JobRunner) -> None:
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        return os.getpid()
+
+    with qtbot.waitSignal(runner.finished, timeout=30_000) as blocker:
+        runner.start("where", work)
+    assert blocker.args[1] != os.getpid()
+
+
+def test_a_native_crash_fails_the_job_and_the_next_job_runs(qtbot, runner: JobRunner) -> None:
+    def crash(progress, cancel):  # type: ignore[no-untyped-def]
+        progress(0.3, "reading the weights")
+        ctypes.string_at(0)  # a null dereference: SIGSEGV
+
+    with qtbot.waitSignal(runner.failed, timeout=30_000) as blocker:
+        job = runner.start("Channel norms", crash)
+    assert job.state == FAILED
+    assert blocker.args[1] == (
+        "Channel norms crashed in native code (SIGSEGV) during 'reading the weights'; "
+        "the session is unchanged"
+    )
+
+    def abort(progress, cancel):  # type: ignore[no-untyped-def]
+        os.abort()
+
+    with qtbot.waitSignal(runner.failed, timeout=30_000) as blocker:
+        runner.start("Pruning", abort)
+    assert "Pruning crashed in native code (SIGABRT)" in blocker.args[1]
+    with qtbot.waitSignal(runner.finished, timeout=30_000) as blocker:
+        runner.start("after", lambda progress, cancel: "still working")
+    assert blocker.args[1] == "still working"
+
+
+def test_cancel_ends_a_job_stuck_in_native_code_within_a_second(
+    qtbot, runner: JobRunner
+) -> None:
+    def stuck(progress, cancel):  # type: ignore[no-untyped-def]
+        progress(0.1, "in native code")
+        ctypes.CDLL(None).sleep(600)  # libc's sleep: no Python check runs for 10 minutes
+
+    with qtbot.waitSignal(runner.progress, timeout=30_000):
+        job = runner.start("stuck", stuck)
+    qtbot.wait(200)
+    start = time.monotonic()
+    with qtbot.waitSignal(runner.cancelled, timeout=2000):
+        job.cancel()
+    assert time.monotonic() - start < 1.0 and job.state == CANCELLED
+    assert runner.wait_all(2)
+
+
+def test_pause_reaches_the_job_process(qtbot, runner: JobRunner) -> None:
+    pause = PauseToken()
+    pause.pause()
+
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        progress(0.1, "waiting")
+        started = time.monotonic()
+        pause.wait(cancel)
+        return time.monotonic() - started
+
+    with qtbot.waitSignal(runner.progress, timeout=30_000):
+        runner.start("paused", work)
+    qtbot.wait(400)
+    with qtbot.waitSignal(runner.finished, timeout=5000) as blocker:
+        pause.resume()
+    assert blocker.args[1] >= 0.3  # it waited for the resume sent from here
+
+
+def test_a_job_that_does_not_pickle_runs_here(qtbot, runner: JobRunner) -> None:
+    lock = threading.Lock()  # a lock cannot go to another process
+
+    def work(progress, cancel):  # type: ignore[no-untyped-def]
+        with lock:
+            return os.getpid()
+
+    with qtbot.waitSignal(runner.finished, timeout=30_000) as blocker:
+        runner.start("here", work)
+    assert blocker.args[1] == os.getpid()

@@ -1,0 +1,411 @@
+"""Jobs in a process of their own, so that a native crash or hang ends the job, not the caller.
+
+The studio runs user models through torch/oneDNN, ONNX Runtime and Torch-Pruning graphs of
+converted third-party models; a segfault there would end the window (and every model, scan and
+plan of the session). :func:`run_isolated` runs a job ``fn(progress, cancel)`` (or a generator
+of partial results) in a child process and plays its progress, items and result back on the
+calling thread:
+
+- The job is pickled with cloudpickle (closures and lambdas by value), the child is forked from
+  multiprocessing's *forkserver*, a clean process that has imported torch and the core but never
+  run a parallel op: forking the caller itself would hang (GNU OpenMP cannot run in a child
+  forked from a process whose OpenMP threads exist) and could not use CUDA.
+- :class:`CancelToken` and :class:`PauseToken` objects the job holds are replaced in the child
+  by tokens that follow the caller's: cancelling or pausing here reaches the child within
+  ``POLL_S``. A cancelled child that has not stopped ``GRACE_S`` later (stuck in native code) is
+  killed, so a cancel takes effect within a second whatever the job is doing.
+- A child that dies without a result (a signal, ``os.abort()``, the kernel's OOM killer) raises
+  :class:`JobCrashed` naming the job, the signal and the step it was in.
+
+:func:`contain_command` gives the command line the same containment: the command runs in a
+forked child and a crash ends it with one line naming the step.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from studio.core.errors import Cancelled, StudioError
+from studio.core.jobs import CancelToken, PauseToken, ProgressFn
+
+POLL_S = 0.05  # how often the caller looks at its tokens while a child runs
+GRACE_S = 0.5  # a cancelled child that has not ended by then is killed
+PROGRESS_EVERY_S = 0.05  # the child sends progress at most this often (and every message change)
+PRELOAD = [
+    "torch",
+    "studio.core.models",
+    "studio.core.sensitivity",
+    "studio.core.prune",
+    "studio.core.finetune",
+    "studio.core.latency",
+]
+
+CHILD_PREFIX = "studio job: "
+
+_lock = threading.Lock()
+_context: Any = None
+
+
+class JobCrashed(StudioError):
+    """A job's process ended without a result (a native crash, a kill)."""
+
+
+class NotIsolatable(Exception):
+    """The job cannot be sent to a child process (something in it does not pickle)."""
+
+
+def available() -> bool:
+    """Whether jobs can run in child processes here (POSIX with forkserver)."""
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def _ctx() -> Any:
+    global _context
+    with _lock:
+        if _context is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(PRELOAD)
+            _skip_main_in_jobs()
+            _context = ctx
+        return _context
+
+
+def _skip_main_in_jobs() -> None:
+    """A job's child does not run the caller's ``__main__`` again (multiprocessing does, for
+    its functions; ours are pickled by value): the studio's script, pytest or a benchmark."""
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "studio", False):
+        return
+
+    def preparation_data(name: str) -> dict[str, Any]:
+        data = original(name)
+        if name.startswith(CHILD_PREFIX):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    preparation_data.studio = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = preparation_data
+
+
+def warm_up() -> None:
+    """Start the forkserver (imports torch and the core once: 1-3 s) so the first job starts
+    fast; safe to call from any thread, and more than once."""
+    if available():
+        from multiprocessing import forkserver
+
+        _ctx()
+        forkserver.ensure_running()
+
+
+# ---- pickling: tokens travel by key -----------------------------------------------------------
+
+
+class _JobPickler(cloudpickle.Pickler):
+    """cloudpickle, with every cancel or pause token replaced by a key the child resolves."""
+
+    def __init__(self, file: io.BytesIO, tokens: dict[str, Any]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tokens = tokens
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, (CancelToken, PauseToken)):
+            for key, known in self.tokens.items():
+                if known is obj:
+                    return ("token", key, type(obj).__name__, _state(obj))
+            key = uuid.uuid4().hex
+            self.tokens[key] = obj
+            return ("token", key, type(obj).__name__, _state(obj))
+        return None
+
+
+def _state(token: CancelToken | PauseToken) -> bool:
+    return token.cancelled if isinstance(token, CancelToken) else token.paused
+
+
+class _JobUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tokens: dict[str, Any]) -> None:
+        super().__init__(file)
+        self.tokens = tokens
+
+    def persistent_load(self, pid: Any) -> Any:
+        _, key, kind, state = pid
+        if key not in self.tokens:
+            token: CancelToken | PauseToken
+            token = CancelToken() if kind == "CancelToken" else PauseToken()
+            if state:
+                token.cancel() if isinstance(token, CancelToken) else token.pause()
+            self.tokens[key] = token
+        return self.tokens[key]
+
+
+def _dumps(obj: Any, tokens: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    _JobPickler(buf, tokens).dump(obj)
+    return buf.getvalue()
+
+
+# ---- the caller's side ---------------------------------------------------------------------
+
+
+def run_isolated(
+    name: str,
+    fn: Callable[[ProgressFn, CancelToken], Any],
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+    on_item: Callable[[Any], None] | None = None,
+) -> Any:
+    """Run ``fn(progress, cancel)`` in a child process and return its result.
+
+    With ``on_item``, ``fn`` returns a generator: each item it yields is passed to
+    ``on_item`` here, and the generator's ``return`` value is the result. Exceptions the job
+    raises are raised here; :class:`Cancelled` when ``cancel`` is set (within ``GRACE_S`` +
+    ``POLL_S``, killing the child if it does not stop); :class:`JobCrashed` when the child
+    dies; :class:`NotIsolatable` (before anything ran) when the job does not pickle.
+    """
+    cancel = cancel or CancelToken()
+    tokens: dict[str, Any] = {}
+    try:
+        payload = _dumps((fn, on_item is not None, cancel), tokens)
+    except Exception as exc:  # a Qt object, a lock, an open file... in the job's closure
+        raise NotIsolatable(f"{type(exc).__name__}: {exc}") from None
+    ctx = _ctx()
+    control_r, control_w = ctx.Pipe(duplex=False)
+    results_r, results_w = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_main, args=(control_r, results_w), name=CHILD_PREFIX + name)
+    child.daemon = True
+    child.start()
+    control_r.close()
+    results_w.close()
+    step = "starting"
+    try:
+        control_w.send_bytes(payload)
+        forwarded = {key: _state(t) for key, t in tokens.items()}
+        cancelled_at: float | None = None
+        while True:
+            for key, token in tokens.items():  # the caller's tokens reach the child
+                state = _state(token)
+                if state != forwarded[key]:
+                    forwarded[key] = state
+                    control_w.send((key, state))
+            if cancel.cancelled and cancelled_at is None:
+                cancelled_at = time.monotonic()
+            if cancelled_at is not None and time.monotonic() - cancelled_at > GRACE_S:
+                _kill(child)
+                raise Cancelled()
+            if not results_r.poll(POLL_S):
+                continue
+            try:
+                message = pickle.loads(results_r.recv_bytes())
+            except (EOFError, OSError):
+                if cancel.cancelled:
+                    raise Cancelled() from None
+                raise _crashed(name, child, step) from None
+            kind = message[0]
+            if kind == "progress":
+                step = message[2] or step
+                if progress is not None:
+                    progress(message[1], message[2])
+            elif kind == "item":
+                assert on_item is not None
+                on_item(message[1])
+            elif kind == "done":
+                return message[1]
+            elif kind == "cancelled":
+                raise Cancelled()
+            elif kind == "failed":
+                raise message[1]
+    finally:
+        for conn in (control_w, results_r):
+            conn.close()
+        child.join(GRACE_S)
+        if child.is_alive():
+            _kill(child)
+
+
+def _kill(child: Any) -> None:
+    try:
+        child.kill()
+    except (OSError, ValueError):
+        pass
+    child.join(1.0)
+
+
+def _crashed(name: str, child: Any, step: str) -> JobCrashed:
+    child.join(2.0)
+    code = child.exitcode
+    if code is not None and code < 0:
+        try:
+            how = signal.Signals(-code).name
+        except ValueError:
+            how = f"signal {-code}"
+    else:
+        how = f"exit status {code}" if code is not None else "no exit status"
+    return JobCrashed(
+        f"{name} crashed in native code ({how}) during '{step}'; the session is unchanged"
+    )
+
+
+# ---- the child's side ----------------------------------------------------------------------
+
+
+def _child_main(control: Any, results: Any) -> None:
+    send_lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        data = cloudpickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with send_lock:
+            results.send_bytes(data)
+
+    tokens: dict[str, Any] = {}
+    try:
+        fn, stream, cancel = _JobUnpickler(io.BytesIO(control.recv_bytes()), tokens).load()
+    except Exception as exc:
+        send(("failed", StudioError(f"the job could not start in its process: {exc}")))
+        return
+    threading.Thread(target=_follow, args=(control, tokens), daemon=True).start()
+    last = [0.0, ""]
+    held: list[tuple[Any, ...]] = []  # the latest report dropped by the rate limit
+
+    def progress(fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        report = ("progress", float(fraction), str(message))
+        held.clear()
+        if message == last[1] and now - last[0] < PROGRESS_EVERY_S and fraction < 1.0:
+            held.append(report)  # sent before anything else, so the last report arrives
+            return
+        last[0], last[1] = now, message
+        send(report)
+
+    def send_after_progress(message: tuple[Any, ...]) -> None:
+        if held:
+            send(held.pop())
+        send(message)
+
+    try:
+        if stream:
+            items = fn(progress, cancel)
+            while True:
+                try:
+                    item = next(items)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                cancel.check()
+                send_after_progress(("item", item))
+        else:
+            result = fn(progress, cancel)
+        send_after_progress(("done", result))
+    except Cancelled:
+        send(("cancelled",))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+        send(("failed", _sendable(exc)))
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """``exc`` when it pickles (with its traceback text), else a StudioError with its text."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        cloudpickle.dumps(exc)
+        exc.add_note(f"in the job's process:\n{text}")
+        return exc
+    except Exception:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return RuntimeError(f"{type(exc).__name__}: {first}")
+
+
+def _follow(control: Any, tokens: dict[str, Any]) -> None:
+    """Apply the caller's token changes in the child (a daemon thread)."""
+    while True:
+        try:
+            key, state = control.recv()
+        except (EOFError, OSError):  # the caller is gone: nothing is waiting for the result
+            os._exit(1)
+        token = tokens.get(key)
+        if isinstance(token, CancelToken) and state:
+            token.cancel()
+        elif isinstance(token, PauseToken):
+            token.pause() if state else token.resume()
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+_step_fd: int | None = None
+
+
+def note_step(text: str) -> None:
+    """Tell the guarding parent what the command is doing (named if it crashes)."""
+    if _step_fd is not None and text:
+        try:
+            os.write(_step_fd, (text.replace("\n", " ")[:200] + "\n").encode())
+        except OSError:
+            pass
+
+
+def contain_command(run: Callable[[], int], command: str) -> int:
+    """Run ``run()`` (a command) in a forked child; a native crash there ends the command with
+    one line on stderr naming the step, and exit status 128 + the signal's number.
+
+    Fork is safe here: the parent has imported modules but run no parallel torch op.
+    """
+    global _step_fd
+    if not hasattr(os, "fork") or os.environ.get("STUDIO_NO_CONTAIN"):
+        return run()
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child runs the command
+        os.close(read_fd)
+        _step_fd = write_fd
+        code = 1
+        try:
+            code = run()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+    os.close(write_fd)
+    last = [b""]
+
+    def read_notes() -> None:  # a thread: the child never blocks on a full pipe
+        with os.fdopen(read_fd, "rb") as notes:
+            for line in notes:
+                last[0] = line
+
+    reader = threading.Thread(target=read_notes, daemon=True)
+    reader.start()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the child
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    reader.join(0.5)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    number = os.WTERMSIG(status)
+    if number == signal.SIGINT:
+        print("studio: interrupted", file=sys.stderr)
+        return 130
+    step = last[0].decode(errors="replace").strip() or command
+    print(
+        f"studio: error: {command} crashed in native code ({signal.Signals(number).name}) "
+        f"during '{step}'",
+        file=sys.stderr,
+    )
+    return 128 + number
