@@ -12,8 +12,13 @@ def main() -> int:
 
         return run_gui()
     from studio.cli import main as cli_main
+    from studio.core.isolation import contain_command
 
-    return cli_main(argv)
+    # a native crash (torch/oneDNN, ONNX Runtime) ends the command with one line naming the
+    # step, not a bare "Segmentation fault"
+    if argv[0] == "gui":  # the window contains its jobs itself
+        return cli_main(argv)
+    return contain_command(lambda: cli_main(argv), f"studio {argv[0]}")
 
 
 if __name__ == "__main__":

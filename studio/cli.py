@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from studio.core.errors import StudioError
+from studio.core.isolation import note_step
 
 # the same as studio.ui.main_window.TABS (the CLI does not import Qt to learn it)
 GUI_TABS = ("layers", "sensitivity", "sparsity", "planner", "result", "training", "latency")
@@ -26,8 +27,13 @@ class TerminalProgress:
         self.start = time.monotonic()
         self.enabled = sys.stderr.isatty()
         self._last = -1.0
+        self._message: str | None = None
+        note_step(label)
 
     def __call__(self, fraction: float, message: str) -> None:
+        if message != self._message:
+            self._message = message
+            note_step(f"{self.label}: {message}" if message else self.label)
         if not self.enabled or (fraction - self._last < 0.01 and fraction < 1.0):
             return
         self._last = fraction

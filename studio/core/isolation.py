@@ -193,16 +193,27 @@ def run_isolated(
     control_r.close()
     results_w.close()
     step = "starting"
-    try:
-        control_w.send_bytes(payload)
-        forwarded = {key: _state(t) for key, t in tokens.items()}
-        cancelled_at: float | None = None
-        while True:
-            for key, token in tokens.items():  # the caller's tokens reach the child
+    send_lock = threading.Lock()
+    forwarded = {key: _state(t) for key, t in tokens.items()}
+
+    def forward() -> None:  # the caller's tokens reach the child (on the changing thread)
+        with send_lock:
+            for key, token in tokens.items():
                 state = _state(token)
                 if state != forwarded[key]:
                     forwarded[key] = state
-                    control_w.send((key, state))
+                    try:
+                        control_w.send((key, state))
+                    except OSError:  # the child has ended
+                        pass
+
+    unwatch: list[Callable[[], None]] = []
+    try:
+        control_w.send_bytes(payload)  # first: the child reads the job, then token changes
+        unwatch = [token.watch(forward) for token in tokens.values()]
+        cancelled_at: float | None = None
+        while True:
+            forward()  # and here, in case a change came between pickling and watching
             if cancel.cancelled and cancelled_at is None:
                 cancelled_at = time.monotonic()
             if cancelled_at is not None and time.monotonic() - cancelled_at > GRACE_S:
@@ -231,8 +242,11 @@ def run_isolated(
             elif kind == "failed":
                 raise message[1]
     finally:
-        for conn in (control_w, results_r):
-            conn.close()
+        for stop in unwatch:
+            stop()
+        with send_lock:
+            for conn in (control_w, results_r):
+                conn.close()
         child.join(GRACE_S)
         if child.is_alive():
             _kill(child)

@@ -16,14 +16,33 @@ from studio.core.errors import Cancelled
 ProgressFn = Callable[[float, str], None]
 
 
-class CancelToken:
+class _Watched:
+    """Callbacks run (on the changing thread) whenever the token changes: how a job in
+    another process (studio.core.isolation) hears of it at once."""
+
+    def __init__(self) -> None:
+        self._watchers: list[Callable[[], None]] = []
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` after every change; returns the function that stops it."""
+        self._watchers.append(callback)
+        return lambda: self._watchers.remove(callback) if callback in self._watchers else None
+
+    def _changed(self) -> None:
+        for callback in list(self._watchers):
+            callback()
+
+
+class CancelToken(_Watched):
     """Thread-safe flag checked by long operations between steps."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._event = threading.Event()
 
     def cancel(self) -> None:
         self._event.set()
+        self._changed()
 
     @property
     def cancelled(self) -> bool:
@@ -56,21 +75,24 @@ def sub_progress(progress: ProgressFn | None, start: float, end: float) -> Progr
     return mapped
 
 
-class PauseToken:
+class PauseToken(_Watched):
     """Thread-safe pause flag: a long job calls :meth:`wait` between steps and blocks there
     while paused; a cancel request ends the wait promptly with :class:`Cancelled`."""
 
     POLL_SECONDS = 0.05
 
     def __init__(self) -> None:
+        super().__init__()
         self._running = threading.Event()
         self._running.set()
 
     def pause(self) -> None:
         self._running.clear()
+        self._changed()
 
     def resume(self) -> None:
         self._running.set()
+        self._changed()
 
     @property
     def paused(self) -> bool:

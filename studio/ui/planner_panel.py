@@ -236,7 +236,9 @@ class PlannerPanel(PlannerRecipes, QWidget):
             cancel.check()
             return cost, replica.fingerprint()
 
-        self.jobs["targets"] = self.runner.start("Planning targets", work)
+        # in the window's process: the cost model keeps Torch-Pruning's groups (autograd nodes,
+        # which do not pickle), and allocation works on them
+        self.jobs["targets"] = self.runner.start("Planning targets", work, isolate=False)
         self._pending_plan = plan
         self.state.start(None, plan)
 
@@ -273,7 +275,7 @@ class PlannerPanel(PlannerRecipes, QWidget):
                 cost, plan, strategy, kind, fraction, report, module, data, predictor=predictor
             )
 
-        self.jobs["allocate"] = self.runner.start("Allocating", work)
+        self.jobs["allocate"] = self.runner.start("Allocating", work, isolate=False)
         self.allocate_button.setEnabled(False)
         return self.jobs["allocate"]
 

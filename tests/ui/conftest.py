@@ -11,6 +11,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from PySide6.QtCore import QSettings, QThreadPool  # noqa: E402
+from PySide6.QtWidgets import QMessageBox  # noqa: E402
 
 from studio.ui.runner import running_job_count  # noqa: E402
 
@@ -67,3 +68,25 @@ def wait_idle(qtbot):  # type: ignore[no-untyped-def]
         qtbot.waitUntil(lambda: not win.runner.is_busy(), timeout=LOAD_TIMEOUT_MS)
 
     return wait
+
+
+@pytest.fixture
+def dialogs(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Record error dialogs and confirmation questions instead of showing them."""
+    seen: dict[str, list] = {
+        "critical": [],
+        "question": [],
+        "answer": [QMessageBox.StandardButton.No],
+    }
+
+    def critical(parent, title, text, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["critical"].append((title, text))
+        return QMessageBox.StandardButton.Ok
+
+    def question(parent, title, text, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["question"].append((title, text))
+        return seen["answer"][0]
+
+    monkeypatch.setattr(QMessageBox, "critical", staticmethod(critical))
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(question))
+    return seen

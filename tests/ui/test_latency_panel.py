@@ -50,6 +50,7 @@ def panel(qtbot, demo, monkeypatch):  # type: ignore[no-untyped-def]
         return SimpleNamespace(predict=predict, anchor_to=lambda ms: anchors.append(ms))
 
     monkeypatch.setattr(latency_predict.LatencyPredictor, "build", staticmethod(build))
+    monkeypatch.setenv("STUDIO_IN_PROCESS", "1")  # the stand-in is seen in this process only
     model, data, result = demo
     session, runner = Session(), JobRunner()
     panel = LatencyPanel(session, runner)

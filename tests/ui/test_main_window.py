@@ -17,28 +17,6 @@ from studio.ui.layer_table import COLUMNS, GROUP, PARAMS
 from studio.ui.main_window import MainWindow
 
 
-@pytest.fixture
-def dialogs(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
-    """Record error dialogs and confirmation questions instead of showing them."""
-    seen: dict[str, list] = {
-        "critical": [],
-        "question": [],
-        "answer": [QMessageBox.StandardButton.No],
-    }
-
-    def critical(parent, title, text, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen["critical"].append((title, text))
-        return QMessageBox.StandardButton.Ok
-
-    def question(parent, title, text, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen["question"].append((title, text))
-        return seen["answer"][0]
-
-    monkeypatch.setattr(QMessageBox, "critical", staticmethod(critical))
-    monkeypatch.setattr(QMessageBox, "question", staticmethod(question))
-    return seen
-
-
 def test_loads_a_zoo_model_and_fills_the_table(qtbot, window: MainWindow) -> None:
     with qtbot.waitSignal(
         window.session.inventory_changed,

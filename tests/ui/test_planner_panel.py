@@ -232,6 +232,7 @@ def test_latency_estimate_follows_the_plan_and_meets_a_latency_target(
         return FakePredictor(cost)
 
     monkeypatch.setattr(latency_predict.LatencyPredictor, "build", staticmethod(build))
+    monkeypatch.setenv("STUDIO_IN_PROCESS", "1")  # the stand-in is seen in this process only
     planner.kind.setCurrentText("latency (estimated)")
     planner.keep.setValue(60.0)
     planner.strategy.setCurrentText("uniform")
