@@ -225,9 +225,7 @@ def test_a_native_crash_fails_the_job_and_the_next_job_runs(qtbot, runner: JobRu
     assert blocker.args[1] == "still working"
 
 
-def test_cancel_ends_a_job_stuck_in_native_code_within_a_second(
-    qtbot, runner: JobRunner
-) -> None:
+def test_cancel_ends_a_job_stuck_in_native_code_within_a_second(qtbot, runner: JobRunner) -> None:
     def stuck(progress, cancel):  # type: ignore[no-untyped-def]
         progress(0.1, "in native code")
         ctypes.CDLL(None).sleep(600)  # libc's sleep: no Python check runs for 10 minutes
