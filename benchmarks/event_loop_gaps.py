@@ -30,9 +30,9 @@ def measure(epochs: int) -> dict[str, dict[str, float]]:
     os.environ["QT_QPA_PLATFORM"] = "offscreen"
     from PySide6.QtCore import QEventLoop, Qt, QTimer
 
-    from studio.core.data import demo_splits
-    from studio.core.plan import PruningPlan
-    from studio.core.prune import prune, prune_targets
+    from studio.core.models.data import demo_splits
+    from studio.core.plan.plan import PruningPlan
+    from studio.core.prune.engine import prune, prune_targets
     from studio.ui.app import application
     from studio.ui.main_window import MainWindow
 

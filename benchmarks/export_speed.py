@@ -22,15 +22,16 @@ import numpy as np
 import onnx
 import torch
 
-from studio.core import export_onnx
-from studio.core.allocate import CostModel, allocate
-from studio.core.data import demo_splits
-from studio.core.export import export_model
-from studio.core.inventory import layer_rows, trace_layers
-from studio.core.models import LoadedModel, load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets
-from studio.core.quantize import quantize_onnx
+from studio.core.export.exporter import export_model
+from studio.core.export.quantize import quantize_onnx
+from studio.core.models import onnx_io as export_onnx
+from studio.core.models.data import demo_splits
+from studio.core.models.inventory import layer_rows, trace_layers
+from studio.core.models.load import load_model
+from studio.core.models.loaded import LoadedModel
+from studio.core.plan.allocate import CostModel, allocate
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets
 
 
 def macs(model: LoadedModel) -> int:

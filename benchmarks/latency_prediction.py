@@ -8,7 +8,7 @@ The predictor is built first (micro-benchmarks and the per-model fit are cached 
 ``--recalibrate`` makes both afresh; the time is shown). The unpruned model and every plan are
 then timed in ``--passes`` interleaved passes, more until ``--seconds`` have passed (each gets
 one short block of runs per pass, the passes spread over the whole timing, as the fit times its
-variants: studio.core.latency_fit).
+variants: studio.core.latency.fit).
 Printed per model and batch, the share of plans predicted within +-10 % and the worst error,
 against two measured figures of each plan:
 
@@ -35,13 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studio.core import export_onnx  # noqa: E402
-from studio.core.latency import onnx_session  # noqa: E402
-from studio.core.latency_fit import quiet, time_passes  # noqa: E402
-from studio.core.latency_predict import LatencyPredictor  # noqa: E402
-from studio.core.models import load_model  # noqa: E402
-from studio.core.plan import PruningPlan  # noqa: E402
-from studio.core.prune import prune  # noqa: E402
+from studio.core.latency.fit import quiet, time_passes  # noqa: E402
+from studio.core.latency.measure import onnx_session  # noqa: E402
+from studio.core.latency.predict import LatencyPredictor  # noqa: E402
+from studio.core.models import onnx_io as export_onnx  # noqa: E402
+from studio.core.models.load import load_model  # noqa: E402
+from studio.core.plan.plan import PruningPlan  # noqa: E402
+from studio.core.prune.engine import prune  # noqa: E402
 
 
 def share(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float]:

@@ -8,7 +8,7 @@ the requested latency?
 For each model, batch, strategy and fraction, ``allocate(..., "latency", fraction)`` (what
 ``studio prune --target-latency`` does) makes a plan from the latency predictor; the plan is
 pruned and timed side by side with the unpruned model in interleaved passes
-(studio.core.latency_fit.time_passes). Printed per plan: the requested latency (the fraction of
+(studio.core.latency.fit.time_passes). Printed per plan: the requested latency (the fraction of
 the unpruned model's predicted latency, as ``--target-latency F`` asks, and as the ms that
 ``--target-latency MSms`` would ask), the measured latency (quiet: the fastest pass's median;
 and the median of all passes), and the measured fraction of the unpruned model's measured
@@ -26,15 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studio.core import export_onnx  # noqa: E402
-from studio.core.allocate import allocate  # noqa: E402
 from studio.core.errors import StudioError  # noqa: E402
-from studio.core.latency import onnx_session  # noqa: E402
-from studio.core.latency_fit import quiet, time_passes  # noqa: E402
-from studio.core.latency_predict import LatencyPredictor  # noqa: E402
-from studio.core.models import load_model  # noqa: E402
-from studio.core.plan import PruningPlan  # noqa: E402
-from studio.core.prune import prune  # noqa: E402
+from studio.core.latency.fit import quiet, time_passes  # noqa: E402
+from studio.core.latency.measure import onnx_session  # noqa: E402
+from studio.core.latency.predict import LatencyPredictor  # noqa: E402
+from studio.core.models import onnx_io as export_onnx  # noqa: E402
+from studio.core.models.load import load_model  # noqa: E402
+from studio.core.plan.allocate import allocate  # noqa: E402
+from studio.core.plan.plan import PruningPlan  # noqa: E402
+from studio.core.prune.engine import prune  # noqa: E402
 
 
 def main() -> int:

@@ -15,12 +15,12 @@ import random
 import time
 import warnings
 
-from studio.core.allocate import CostModel, allocate, predicted_drop
-from studio.core.data import demo_splits
-from studio.core.models import load_model
-from studio.core.plan import PruningPlan
-from studio.core.sensitivity import scan
-from studio.core.sensitivity_types import ScanSettings
+from studio.core.models.data import demo_splits
+from studio.core.models.load import load_model
+from studio.core.plan.allocate import CostModel, allocate, predicted_drop
+from studio.core.plan.plan import PruningPlan
+from studio.core.scan.sensitivity import scan
+from studio.core.scan.types import ScanSettings
 
 BUDGET_MS = 50.0
 

@@ -28,12 +28,12 @@ import os
 import statistics
 import time
 
-from studio.core.cluster import Cluster
-from studio.core.data import load_data
-from studio.core.models import load_model
-from studio.core.scan_ray import split_units
-from studio.core.sensitivity import SensitivityScan
-from studio.core.sensitivity_types import ScanSettings
+from studio.core.cluster.connection import Cluster
+from studio.core.cluster.scan import split_units
+from studio.core.models.data import load_data
+from studio.core.models.load import load_model
+from studio.core.scan.sensitivity import SensitivityScan
+from studio.core.scan.types import ScanSettings
 
 WORKERS = (1, 2, 4, 8, 12, 16, 32, 64)
 

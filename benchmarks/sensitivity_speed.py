@@ -18,10 +18,10 @@ import warnings
 
 from scipy.stats import spearmanr
 
-from studio.core.data import load_data
-from studio.core.models import load_model
-from studio.core.sensitivity import SensitivityScan
-from studio.core.sensitivity_types import ScanReport, ScanSettings
+from studio.core.models.data import load_data
+from studio.core.models.load import load_model
+from studio.core.scan.sensitivity import SensitivityScan
+from studio.core.scan.types import ScanReport, ScanSettings
 
 
 def timed(

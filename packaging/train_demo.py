@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from studio.core import zoo
-from studio.core.data import DEMO_MEAN, DEMO_STD, DataSet, demo_splits
+from studio.core.models import zoo
+from studio.core.models.data import DEMO_MEAN, DEMO_STD, DataSet, demo_splits
 from studio.core.paths import DEMO_WEIGHTS
 
 SHIFT = 2  # pixels of random translation in each direction

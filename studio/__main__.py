@@ -12,7 +12,7 @@ def main() -> int:
 
         return run_gui()
     from studio.cli import main as cli_main
-    from studio.core.isolation import contain_command
+    from studio.core.command_guard import contain_command
 
     # a native crash (torch/oneDNN, ONNX Runtime) ends the command with one line naming the
     # step, not a bare "Segmentation fault"

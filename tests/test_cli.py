@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from studio.cli import main
-from studio.core import zoo
-from studio.core.models import load_model
+from studio.core.models import zoo
+from studio.core.models.load import load_model
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

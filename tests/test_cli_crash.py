@@ -11,7 +11,7 @@ import sys
 # native code, as oneDNN's was) before the command starts
 CRASHING_FINETUNE = """
 import ctypes, sys
-import studio.core.finetune as finetune
+import studio.core.train.finetune as finetune
 def crash(*args, **kwargs):
     ctypes.string_at(0)
 finetune.train_step = crash

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from studio.cli import main
-from studio.core.models import load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets, save_pruned
+from studio.core.models.load import load_model
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets, save_pruned
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

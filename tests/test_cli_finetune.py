@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from studio.cli import main
-from studio.core.cluster import INSTALL_HINT, Cluster
-from studio.core.data import demo_splits
-from studio.core.models import load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets
-from studio.core.pruned_file import save_model
+from studio.core.cluster.connection import INSTALL_HINT, Cluster
+from studio.core.models.data import demo_splits
+from studio.core.models.load import load_model
+from studio.core.models.pruned_file import save_model
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

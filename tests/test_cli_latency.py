@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from studio.cli import main
-from studio.core import latency_fit
+from studio.core.latency import fit as latency_fit
 
 SMALL = ("--model", "zoo:resnet20", "--input-shape", "1,1,8,8")
 

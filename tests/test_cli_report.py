@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from studio.cli import main
-from studio.cli_view import cmd_view
+from studio.cli.view import cmd_view
 
 
 def test_report_html_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,3 +23,10 @@ def first_line(error: BaseException) -> str:
     text = ANSI_CODES.sub("", str(error)).strip()
     line = text.splitlines()[0].strip() if text else type(error).__name__
     return line if len(line) <= 240 else line[:237] + "..."
+
+
+class UntrustedPickleError(StudioError):
+    """Loading the file would run code from it; the GUI catches this to ask the user first."""
+
+
+TRUST_HINT = "pass --trust-pickle (CLI) or confirm in the dialog (GUI) only if you trust its source"

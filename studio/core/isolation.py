@@ -17,8 +17,7 @@ calling thread:
 - A child that dies without a result (a signal, ``os.abort()``, the kernel's OOM killer) raises
   :class:`JobCrashed` naming the job, the signal and the step it was in.
 
-:func:`contain_command` gives the command line the same containment: the command runs in a
-forked child and a crash ends it with one line naming the step.
+:mod:`studio.core.command_guard` gives the command line the same containment.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -47,10 +45,10 @@ PROGRESS_EVERY_S = 0.05  # the child sends progress at most this often (and ever
 PRELOAD = [
     "torch",
     "studio.core.models",
-    "studio.core.sensitivity",
-    "studio.core.prune",
-    "studio.core.finetune",
-    "studio.core.latency",
+    "studio.core.scan.sensitivity",
+    "studio.core.prune.engine",
+    "studio.core.train.finetune",
+    "studio.core.latency.measure",
 ]
 
 CHILD_PREFIX = "studio job: "
@@ -355,71 +353,3 @@ def _follow(control: Any, tokens: dict[str, Any]) -> None:
             token.cancel()
         elif isinstance(token, PauseToken):
             token.pause() if state else token.resume()
-
-
-# ---- the command line ------------------------------------------------------------------------
-
-_step_fd: int | None = None
-
-
-def note_step(text: str) -> None:
-    """Tell the guarding parent what the command is doing (named if it crashes)."""
-    if _step_fd is not None and text:
-        try:
-            os.write(_step_fd, (text.replace("\n", " ")[:200] + "\n").encode())
-        except OSError:
-            pass
-
-
-def contain_command(run: Callable[[], int], command: str) -> int:
-    """Run ``run()`` (a command) in a forked child; a native crash there ends the command with
-    one line on stderr naming the step, and exit status 128 + the signal's number.
-
-    Fork is safe here: the parent has imported modules but run no parallel torch op.
-    """
-    global _step_fd
-    if not hasattr(os, "fork") or os.environ.get("STUDIO_NO_CONTAIN"):
-        return run()
-    read_fd, write_fd = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child runs the command
-        os.close(read_fd)
-        _step_fd = write_fd
-        code = 1
-        try:
-            code = run()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
-    os.close(write_fd)
-    last = [b""]
-
-    def read_notes() -> None:  # a thread: the child never blocks on a full pipe
-        with os.fdopen(read_fd, "rb") as notes:
-            for line in notes:
-                last[0] = line
-
-    reader = threading.Thread(target=read_notes, daemon=True)
-    reader.start()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the child
-    try:
-        _, status = os.waitpid(pid, 0)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    reader.join(0.5)
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
-    number = os.WTERMSIG(status)
-    if number == signal.SIGINT:
-        print("studio: interrupted", file=sys.stderr)
-        return 130
-    step = last[0].decode(errors="replace").strip() or command
-    print(
-        f"studio: error: {command} crashed in native code ({signal.Signals(number).name}) "
-        f"during '{step}'",
-        file=sys.stderr,
-    )
-    return 128 + number

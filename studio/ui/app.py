@@ -9,7 +9,7 @@ from PySide6.QtCore import QPointF, QRectF, Qt, QTimer
 from PySide6.QtGui import QBrush, QColor, QIcon, QPainter, QPen, QPixmap
 from PySide6.QtWidgets import QApplication
 
-from studio.core.cluster import Compute
+from studio.core.cluster.connection import Compute
 from studio.ui.compat import binding_problem
 from studio.ui.main_window import MainWindow
 from studio.ui.session import WARNING

@@ -20,25 +20,25 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core import zoo
-from studio.core.cluster import Compute
+from studio.core.cluster.connection import Compute
 from studio.core.errors import StudioError
-from studio.core.models import parse_shape
-from studio.ui import export_actions
-from studio.ui.compare_panel import ComparePanel
-from studio.ui.compute_dialog import ComputeDialog, load_compute
-from studio.ui.latency_panel import LatencyPanel
-from studio.ui.layer_table import LayerTablePanel
-from studio.ui.log_panel import LogPanel
-from studio.ui.planner_panel import PlannerPanel
+from studio.core.models import zoo
+from studio.core.models.loaded import parse_shape
+from studio.ui.dialogs import export_actions
+from studio.ui.dialogs.compute_dialog import ComputeDialog, load_compute
+from studio.ui.panels.compare_panel import ComparePanel
+from studio.ui.panels.latency_panel import LatencyPanel
+from studio.ui.panels.layer_table import LayerTablePanel
+from studio.ui.panels.log_panel import LogPanel
+from studio.ui.panels.planner_panel import PlannerPanel
+from studio.ui.panels.sensitivity_panel import SensitivityPanel
+from studio.ui.panels.sparsity_panel import SparsityPanel
+from studio.ui.panels.summary import SummaryPanel
+from studio.ui.panels.training_panel import TrainingPanel
 from studio.ui.progress import JobProgressWidget
 from studio.ui.runner import JobRunner
-from studio.ui.sensitivity_panel import SensitivityPanel
 from studio.ui.session import Session
 from studio.ui.settings import RecentFiles, is_model_file, studio_settings
-from studio.ui.sparsity_panel import SparsityPanel
-from studio.ui.summary import SummaryPanel
-from studio.ui.training_panel import TrainingPanel
 from studio.ui.workflow import ARCH, ModelRequest, Workflow
 
 MODEL_FILTER = "Models (*.pt *.pth *.pt2 *.onnx *.ts);;All files (*)"

@@ -13,18 +13,18 @@ from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, Signal
 
-from studio.core.cluster import Compute
+from studio.core.cluster.connection import Compute
 
 if TYPE_CHECKING:
     import torch
 
-    from studio.core.data import DataSet
-    from studio.core.evaluate import EvalResult
-    from studio.core.inventory import Inventory
-    from studio.core.models import LoadedModel
-    from studio.core.prune import PruneResult
-    from studio.core.sensitivity_types import ScanReport
-    from studio.core.train_types import FinetuneResult
+    from studio.core.models.data import DataSet
+    from studio.core.models.evaluate import EvalResult
+    from studio.core.models.inventory import Inventory
+    from studio.core.models.loaded import LoadedModel
+    from studio.core.prune.engine import PruneResult
+    from studio.core.scan.types import ScanReport
+    from studio.core.train.types import FinetuneResult
 
 INFO, WARNING, ERROR, DETAIL = "info", "warning", "error", "detail"
 
@@ -89,7 +89,8 @@ class Session(QObject):
 
     @property
     def compute(self) -> Compute:
-        """Where scans and fine-tuning run: this process, or Ray (studio.core.cluster)."""
+        """Where scans and fine-tuning run: this process, or Ray
+        (studio.core.cluster.connection)."""
         return self._compute
 
     def set_compute(self, compute: Compute) -> None:

@@ -13,12 +13,13 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from studio.core import data as core_data
-from studio.core import evaluate as core_evaluate
-from studio.core import inventory as core_inventory
-from studio.core import models as core_models
 from studio.core.jobs import CancelToken, ProgressFn
-from studio.core.loaders import UntrustedPickleError
+from studio.core.models import data as core_data
+from studio.core.models import evaluate as core_evaluate
+from studio.core.models import inventory as core_inventory
+from studio.core.models import load as core_load
+from studio.core.models import loaded as core_models
+from studio.core.models.loaders import UntrustedPickleError
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import DETAIL, ERROR, WARNING, Session
 
@@ -88,7 +89,7 @@ class Workflow(QObject):
 
         def load(progress: ProgressFn, cancel: CancelToken) -> core_models.LoadedModel:
             progress(0.0, f"reading {spec}")
-            model = core_models.load_model(
+            model = core_load.load_model(
                 spec,
                 arch=request.arch,
                 input_shape=request.input_shape,

@@ -12,16 +12,17 @@ import torch
 from torch import nn
 
 from studio.cli import main
-from studio.core.activations import channel_activation_stats
-from studio.core.costs import CostModel
-from studio.core.data import DataSet
 from studio.core.errors import StudioError
-from studio.core.importance import normalised_scores
-from studio.core.models import EAGER, LoadedModel, load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune
-from studio.core.sensitivity import SensitivityScan
-from studio.core.sensitivity_types import ScanSettings
+from studio.core.models.activations import channel_activation_stats
+from studio.core.models.data import DataSet
+from studio.core.models.load import load_model
+from studio.core.models.loaded import EAGER, LoadedModel
+from studio.core.plan.costs import CostModel
+from studio.core.plan.importance import normalised_scores
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune
+from studio.core.scan.sensitivity import SensitivityScan
+from studio.core.scan.types import ScanSettings
 
 DEAD, LOUD = 0, 1  # channels of the first conv: always zero after the ReLU / always large
 

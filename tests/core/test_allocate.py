@@ -13,16 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core import graph
-from studio.core.allocate import CostModel, allocate, load_scan, predicted_drop
-from studio.core.data import demo_splits
 from studio.core.errors import StudioError
-from studio.core.inventory import build_inventory
-from studio.core.masks import channels_to_prune, weight_mask
-from studio.core.models import LoadedModel, load_model
-from studio.core.plan import PruningPlan
-from studio.core.sensitivity import scan
-from studio.core.sensitivity_types import ScanSettings
+from studio.core.models import graph
+from studio.core.models.data import demo_splits
+from studio.core.models.inventory import build_inventory
+from studio.core.models.load import load_model
+from studio.core.models.loaded import LoadedModel
+from studio.core.plan.allocate import CostModel, allocate, load_scan, predicted_drop
+from studio.core.plan.plan import PruningPlan
+from studio.core.scan.masks import channels_to_prune, weight_mask
+from studio.core.scan.sensitivity import scan
+from studio.core.scan.types import ScanSettings
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_weight_methods_count_nonzeros_and_sparse_macs(demo, method) -> None:
 
 
 def test_blocks_predict_equals_removing_them(demo) -> None:
-    from studio.core.prune_blocks import remove_block
+    from studio.core.models.blocks import remove_block
 
     model_cost = CostModel.build(demo, "blocks")
     assert model_cost.names == [f"layers.{i}" for i in range(9)]
@@ -261,7 +262,7 @@ def test_predicted_drop_reads_the_curves(cost, report) -> None:
 
 
 def test_load_scan_reads_the_cli_json(report, tmp_path) -> None:
-    from studio.cli import _scan_json
+    from studio.cli.scan import _scan_json
 
     path = tmp_path / "scan.json"
     path.write_text(json.dumps(_scan_json(report, "loss"), indent=1))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.core.data import DataSet, demo_splits, load_data
 from studio.core.errors import StudioError
+from studio.core.models.data import DataSet, demo_splits, load_data
 
 
 def test_demo_split_is_fixed_stratified_and_complete() -> None:
@@ -90,7 +90,7 @@ def test_labels_must_match_inputs() -> None:
 
 
 def test_matching_training_split_only_for_the_demo_validation_split() -> None:
-    from studio.core.data import matching_training_split
+    from studio.core.models.data import matching_training_split
 
     train, val = demo_splits()
     assert matching_training_split(val) is train

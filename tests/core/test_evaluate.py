@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from studio.core.data import DataSet
 from studio.core.errors import Cancelled, StudioError
-from studio.core.evaluate import evaluate
 from studio.core.jobs import CancelToken
+from studio.core.models.data import DataSet
+from studio.core.models.evaluate import evaluate
 
 
 class Pick(nn.Module):

@@ -13,15 +13,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from studio.core import export_onnx, zoo
 from studio.core.errors import Cancelled, StudioError
-from studio.core.export import export_model, unpruned_architecture
-from studio.core.export_verify import module_params
+from studio.core.export.exporter import export_model, unpruned_architecture
+from studio.core.export.verify import module_params
 from studio.core.jobs import CancelToken
-from studio.core.loaders import load_file
-from studio.core.models import LoadedModel, load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets
+from studio.core.models import onnx_io as export_onnx
+from studio.core.models import zoo
+from studio.core.models.load import load_model
+from studio.core.models.loaded import LoadedModel
+from studio.core.models.loaders import load_file
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -12,20 +12,21 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core.data import DataSet, demo_splits
 from studio.core.errors import Cancelled, StudioError
-from studio.core.finetune import (
+from studio.core.jobs import CancelToken, PauseToken
+from studio.core.models.data import DataSet, demo_splits
+from studio.core.models.load import load_model
+from studio.core.models.loaded import EAGER, LoadedModel
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets
+from studio.core.scan.masks import nm_view
+from studio.core.train.finetune import (
     FinetuneJob,
     FinetuneSettings,
     GradualSchedule,
     history_csv,
     weight_sparsity,
 )
-from studio.core.jobs import CancelToken, PauseToken
-from studio.core.masks import nm_view
-from studio.core.models import EAGER, LoadedModel, load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets
 
 # one thread: these small models run faster so, and far faster on shared cores
 ONE = {"log_every_steps": 1, "threads": 1}
@@ -96,7 +97,7 @@ def test_learns_a_real_task_and_leaves_the_callers_model_alone(digits, trained) 
     assert all(torch.equal(before[k], v) for k, v in student.module.state_dict().items())
     assert not student.module.training
     # the result is the best epoch's model, in eval mode, measured as reported
-    from studio.core.evaluate import evaluate
+    from studio.core.models.evaluate import evaluate
 
     assert not result.model.module.training
     assert evaluate(result.model.module, val).accuracy == pytest.approx(result.accuracy_after)

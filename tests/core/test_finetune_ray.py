@@ -14,15 +14,15 @@ import time
 import pytest
 import torch
 
-from studio.core.cluster import INSTALL_HINT, Cluster
-from studio.core.data import demo_splits
+from studio.core.cluster.connection import INSTALL_HINT, Cluster
+from studio.core.cluster.finetune import RayFinetuneJob
 from studio.core.errors import Cancelled, StudioError
-from studio.core.evaluate import evaluate
-from studio.core.finetune import FinetuneSettings, GradualSchedule
-from studio.core.finetune_ray import RayFinetuneJob
 from studio.core.jobs import CancelToken, PauseToken
-from studio.core.models import load_model
-from studio.core.plan import PruningPlan
+from studio.core.models.data import demo_splits
+from studio.core.models.evaluate import evaluate
+from studio.core.models.load import load_model
+from studio.core.plan.plan import PruningPlan
+from studio.core.train.finetune import FinetuneSettings, GradualSchedule
 
 pytest.importorskip("ray")  # the test command installs the [ray] extra
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from studio.core import graph, zoo
 from studio.core.errors import StudioError
-from studio.core.inventory import build_inventory
-from studio.core.models import EAGER, LoadedModel, load_model
+from studio.core.models import graph, zoo
+from studio.core.models.inventory import build_inventory
+from studio.core.models.load import load_model
+from studio.core.models.loaded import EAGER, LoadedModel
 
 
 class Block(nn.Module):
@@ -126,7 +127,7 @@ def test_lstm_is_reported_not_prunable_with_reason_and_vit_tokens_are_grouped() 
 def test_mac_count_ignores_forward_passes_in_other_threads() -> None:
     import threading
 
-    from studio.core.models import load_model
+    from studio.core.models.load import load_model
 
     model = load_model("zoo:resnet20")
     alone = build_inventory(model).macs

@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core import latency_fit
-from studio.core.allocate import TOLERANCE, allocate
-from studio.core.devices import find_device, list_devices, load_device
-from studio.core.devices_estimate import DeviceEstimator, machine_profile
 from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken
-from studio.core.latency import measure_latency, profile_layers
-from studio.core.latency_predict import LatencyPredictor, cache_path
-from studio.core.models import EAGER, LoadedModel
-from studio.core.plan import PruningPlan
+from studio.core.latency import fit as latency_fit
+from studio.core.latency.devices import find_device, list_devices, load_device
+from studio.core.latency.devices_estimate import DeviceEstimator, machine_profile
+from studio.core.latency.measure import measure_latency, profile_layers
+from studio.core.latency.predict import LatencyPredictor, cache_path
+from studio.core.models.loaded import EAGER, LoadedModel
+from studio.core.plan.allocate import TOLERANCE, allocate
+from studio.core.plan.plan import PruningPlan
 
 
 class Tiny(nn.Module):
@@ -112,7 +112,7 @@ def test_predictor_cached_and_reused(predictor):
 
 
 def test_predict_monotone_and_without_building(predictor, monkeypatch):
-    import studio.core.prune as prune_module
+    import studio.core.prune.engine as prune_module
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("predict() must not prune")

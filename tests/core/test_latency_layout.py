@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core import export_onnx
-from studio.core.latency_layout import EXTRA_KINDS, LayoutGraph, conv_runs_nchwc, nchwc_block
+from studio.core.latency.layout import EXTRA_KINDS, LayoutGraph, conv_runs_nchwc, nchwc_block
+from studio.core.models import onnx_io as export_onnx
 
 ort = pytest.importorskip("onnxruntime")
 NCHWC = "com.microsoft.nchwc"

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core import zoo
 from studio.core.errors import StudioError
-from studio.core.loaders import UntrustedPickleError, load_file
-from studio.core.models import EAGER, EXPORTED, TORCHSCRIPT
+from studio.core.models import zoo
+from studio.core.models.loaded import EAGER, EXPORTED, TORCHSCRIPT
+from studio.core.models.loaders import UntrustedPickleError, load_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

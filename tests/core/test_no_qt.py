@@ -6,6 +6,7 @@ import pkgutil
 import subprocess
 import sys
 
+import studio.cli
 import studio.core
 
 BLOCKER = """
@@ -19,9 +20,11 @@ sys.meta_path.insert(0, Block())
 
 
 def test_core_modules_import_without_qt() -> None:
-    modules = [f"studio.core.{m.name}" for m in pkgutil.iter_modules(studio.core.__path__)]
-    assert "studio.core.inventory" in modules
-    code = BLOCKER + "\n".join(f"import {m}" for m in modules + ["studio.cli"])
+    modules = [m.name for m in pkgutil.walk_packages(studio.core.__path__, "studio.core.")]
+    assert "studio.core.models.inventory" in modules
+    commands = [m.name for m in pkgutil.walk_packages(studio.cli.__path__, "studio.cli.")]
+    assert "studio.cli.scan" in commands
+    code = BLOCKER + "\n".join(f"import {m}" for m in [*modules, "studio.cli", *commands])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from studio.core import onnx_converters, onnx_import, zoo
 from studio.core.errors import StudioError
-from studio.core.loaders import load_file
-from studio.core.models import ONNX
+from studio.core.models import onnx_converters, onnx_import, zoo
+from studio.core.models.loaded import ONNX
+from studio.core.models.loaders import load_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

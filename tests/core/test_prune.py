@@ -10,16 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core.data import demo_splits
 from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken
-from studio.core.loaders import load_file
-from studio.core.masks import nm_view
-from studio.core.models import EAGER, LoadedModel, load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets, save_pruned
-from studio.core.sensitivity import SensitivityScan
-from studio.core.sensitivity_types import ScanSettings
+from studio.core.models.data import demo_splits
+from studio.core.models.load import load_model
+from studio.core.models.loaded import EAGER, LoadedModel
+from studio.core.models.loaders import load_file
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets, save_pruned
+from studio.core.scan.masks import nm_view
+from studio.core.scan.sensitivity import SensitivityScan
+from studio.core.scan.types import ScanSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -156,7 +157,7 @@ def test_a_group_that_breaks_the_model_is_rolled_back_and_the_rest_applies() -> 
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory) -> dict[str, LoadedModel]:
-    from studio.core import zoo
+    from studio.core.models import zoo
 
     folder = tmp_path_factory.mktemp("onnx")
     loaded = {}

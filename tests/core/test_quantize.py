@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from studio.core.data import DataSet, demo_splits
 from studio.core.errors import StudioError
-from studio.core.export import export_model
-from studio.core.models import load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets
-from studio.core.quantize import int8_path, quantize_onnx
+from studio.core.export.exporter import export_model
+from studio.core.export.quantize import int8_path, quantize_onnx
+from studio.core.models.data import DataSet, demo_splits
+from studio.core.models.load import load_model
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets
 
 
 @pytest.fixture(scope="module")

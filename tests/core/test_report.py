@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.core.netron_server import HOST, NetronServer
-from studio.core.plan import PruningPlan
-from studio.core.report import (
+from studio.core.export.netron_server import HOST, NetronServer
+from studio.core.export.report import (
     ReportData,
     history_from_csv,
     layer_shapes,
     render_html,
     write_report,
 )
-from studio.core.sensitivity_types import ScanReport, ScanRow, ScanSettings, ScanTarget
-from studio.core.train_types import TrainRecord, history_csv
+from studio.core.plan.plan import PruningPlan
+from studio.core.scan.types import ScanReport, ScanRow, ScanSettings, ScanTarget
+from studio.core.train.types import TrainRecord, history_csv
 
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
 

@@ -15,14 +15,14 @@ import pytest
 
 pytest.importorskip("ray")
 
-from studio.core.cluster import Cluster, check_address, check_connection  # noqa: E402
-from studio.core.data import load_data  # noqa: E402
+from studio.core.cluster.connection import Cluster, check_address, check_connection  # noqa: E402
+from studio.core.cluster.scan import split_units  # noqa: E402
 from studio.core.errors import Cancelled, StudioError  # noqa: E402
 from studio.core.jobs import CancelToken  # noqa: E402
-from studio.core.models import load_model  # noqa: E402
-from studio.core.scan_ray import split_units  # noqa: E402
-from studio.core.sensitivity import SensitivityScan  # noqa: E402
-from studio.core.sensitivity_types import ScanSettings  # noqa: E402
+from studio.core.models.data import load_data  # noqa: E402
+from studio.core.models.load import load_model  # noqa: E402
+from studio.core.scan.sensitivity import SensitivityScan  # noqa: E402
+from studio.core.scan.types import ScanSettings  # noqa: E402
 
 RATIOS = (0.3, 0.7)
 

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from studio.core import graph
-from studio.core.data import demo_splits
-from studio.core.models import load_model
-from studio.core.scan_taylor import TAYLOR_BATCH, batch_norm_gates, taylor_pass
-from studio.core.sensitivity import scan
-from studio.core.sensitivity_types import ScanSettings
+from studio.core.models import graph
+from studio.core.models.data import demo_splits
+from studio.core.models.load import load_model
+from studio.core.scan.sensitivity import scan
+from studio.core.scan.taylor import TAYLOR_BATCH, batch_norm_gates, taylor_pass
+from studio.core.scan.types import ScanSettings
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_pass_leaves_the_model_as_it_was(demo) -> None:
 def test_groups_without_batch_norm_use_their_weights() -> None:
     vit = load_model("zoo:vit")
     data = torch.randn(16, *vit.input_shape[1:])
-    from studio.core.data import DataSet
+    from studio.core.models.data import DataSet
 
     report = scan(
         vit,

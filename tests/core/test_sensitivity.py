@@ -10,13 +10,13 @@ import time
 import pytest
 import torch
 
-from studio.core.data import demo_splits
 from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken
-from studio.core.models import load_model
+from studio.core.models.data import demo_splits
+from studio.core.models.load import load_model
 from studio.core.paths import cache_dir
-from studio.core.sensitivity import SensitivityScan, scan
-from studio.core.sensitivity_types import ScanSettings
+from studio.core.scan.sensitivity import SensitivityScan, scan
+from studio.core.scan.types import ScanSettings
 
 
 @pytest.fixture(scope="module")

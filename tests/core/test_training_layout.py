@@ -18,16 +18,16 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core.data import DataSet
-from studio.core.finetune import FinetuneJob, FinetuneSettings
-from studio.core.memory_format import (
+from studio.core.models.data import DataSet
+from studio.core.models.loaded import EAGER, LoadedModel
+from studio.core.models.memory_format import (
     is_channels_last,
     nhwc_backward_safe,
     standard_layout,
     standard_strides,
 )
-from studio.core.models import EAGER, LoadedModel
-from studio.core.train_schedule import augment
+from studio.core.train.finetune import FinetuneJob, FinetuneSettings
+from studio.core.train.schedule import augment
 
 HERE = Path(__file__).parent
 AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
@@ -96,9 +96,9 @@ import sys, torch
 from torch import nn
 sys.path.insert(0, {here!r})
 from test_training_layout import odd_net
-from studio.core.data import DataSet
-from studio.core.finetune import FinetuneJob, FinetuneSettings
-from studio.core.models import EAGER, LoadedModel
+from studio.core.models.data import DataSet
+from studio.core.train.finetune import FinetuneJob, FinetuneSettings
+from studio.core.models.loaded import EAGER, LoadedModel
 gen = torch.Generator().manual_seed(0)
 data = DataSet(torch.randn(128, 1, 16, 16, generator=gen), torch.randint(0, 10, (128,)), "d")
 student = LoadedModel(odd_net().eval(), "odd", "odd", EAGER, (1, 1, 16, 16))

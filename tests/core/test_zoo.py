@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from studio.core import zoo
-from studio.core.data import demo_splits
 from studio.core.errors import StudioError
+from studio.core.models import zoo
+from studio.core.models.data import demo_splits
 from studio.core.paths import DEMO_WEIGHTS
 
 CNNS = ("resnet20", "resnet56", "vgg11", "mobilenetv2")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from PySide6.QtCore import QSettings
 
-from studio.core.cluster import Cluster, Compute
-from studio.core.data import demo_splits
-from studio.core.inventory import build_inventory
-from studio.core.models import load_model
-from studio.ui import compute_dialog
-from studio.ui.compute_dialog import ComputeDialog, load_compute
+from studio.core.cluster.connection import Cluster, Compute
+from studio.core.models.data import demo_splits
+from studio.core.models.inventory import build_inventory
+from studio.core.models.load import load_model
+from studio.ui.dialogs import compute_dialog
+from studio.ui.dialogs.compute_dialog import ComputeDialog, load_compute
+from studio.ui.panels.sensitivity_panel import SensitivityPanel
 from studio.ui.runner import JobRunner
-from studio.ui.sensitivity_panel import SensitivityPanel
 from studio.ui.session import Session
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import ctypes
 
-from studio.core.checkpoint import LAST
-from studio.core.data import demo_splits
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets
-from studio.core.train_types import TrainRecord
-from studio.ui import training_panel
+from studio.core.models.data import demo_splits
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets
+from studio.core.train.checkpoint import LAST
+from studio.core.train.types import TrainRecord
 from studio.ui.main_window import MainWindow
+from studio.ui.panels import training_panel
 
 
 def test_a_native_crash_in_fine_tuning_leaves_the_window_and_the_session(

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.core.models import EAGER, LoadedModel
-from studio.ui import export_actions, netron_view
+from studio.core.models.loaded import EAGER, LoadedModel
+from studio.ui.dialogs import export_actions, netron_view
 
 
 def tiny_model() -> LoadedModel:

@@ -8,17 +8,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from studio.core import latency_predict
-from studio.core.data import demo_splits
-from studio.core.evaluate import evaluate
-from studio.core.inventory import build_inventory
-from studio.core.models import load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets
-from studio.ui.latency_panel import COLUMNS, LatencyPanel
-from studio.ui.pareto_chart import pareto_front
+from studio.core.latency import predict as latency_predict
+from studio.core.models.data import demo_splits
+from studio.core.models.evaluate import evaluate
+from studio.core.models.inventory import build_inventory
+from studio.core.models.load import load_model
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets
+from studio.ui.panels.latency_panel import COLUMNS, LatencyPanel
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
+from studio.ui.widgets.pareto_chart import pareto_front
 
 
 def test_pareto_front_keeps_the_non_dominated_points() -> None:

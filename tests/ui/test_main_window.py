@@ -12,9 +12,9 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QInputDialog, QMessageBox
 
-from studio.core import zoo
-from studio.ui.layer_table import COLUMNS, GROUP, PARAMS
+from studio.core.models import zoo
 from studio.ui.main_window import MainWindow
+from studio.ui.panels.layer_table import COLUMNS, GROUP, PARAMS
 
 
 def test_loads_a_zoo_model_and_fills_the_table(qtbot, window: MainWindow) -> None:

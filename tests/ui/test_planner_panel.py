@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.core.data import demo_splits
 from studio.core.errors import StudioError
-from studio.core.inventory import build_inventory
-from studio.core.models import load_model
-from studio.core.sensitivity import SensitivityScan
-from studio.core.sensitivity_types import ScanSettings
-from studio.ui.compare_panel import ComparePanel
-from studio.ui.planner_panel import PlannerPanel
-from studio.ui.planner_table import DROP, MACS, PARAMS
+from studio.core.models.data import demo_splits
+from studio.core.models.inventory import build_inventory
+from studio.core.models.load import load_model
+from studio.core.scan.sensitivity import SensitivityScan
+from studio.core.scan.types import ScanSettings
+from studio.ui.panels.compare_panel import ComparePanel
+from studio.ui.panels.planner_panel import PlannerPanel
+from studio.ui.panels.planner_table import DROP, MACS, PARAMS
+from studio.ui.panels.sparsity_panel import SparsityPanel
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
-from studio.ui.sparsity_panel import SparsityPanel
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ class FakePredictor:
 def test_latency_estimate_follows_the_plan_and_meets_a_latency_target(
     qtbot, planner: PlannerPanel, monkeypatch
 ) -> None:
-    from studio.core import latency_predict
+    from studio.core.latency import predict as latency_predict
 
     built = []
 

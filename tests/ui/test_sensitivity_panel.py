@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PySide6.QtCore import QPointF, Qt
 
-from studio.core.data import DataSet, demo_splits
 from studio.core.errors import StudioError
-from studio.core.inventory import build_inventory
-from studio.core.models import load_model
+from studio.core.models.data import DataSet, demo_splits
+from studio.core.models.inventory import build_inventory
+from studio.core.models.load import load_model
+from studio.ui.panels.sensitivity_panel import SensitivityPanel
 from studio.ui.runner import JobRunner
-from studio.ui.scan_controls import parse_ratios
-from studio.ui.sensitivity_panel import SensitivityPanel
 from studio.ui.session import Session
+from studio.ui.widgets.scan_controls import parse_ratios
 
 SAMPLES = 96
 

@@ -6,14 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from studio.core.activations import channel_activation_stats
-from studio.core.data import demo_splits
-from studio.core.models import load_model
-from studio.core.sparsity import channel_norms
-from studio.ui.heatmap import HeatmapView
+from studio.core.models.activations import channel_activation_stats
+from studio.core.models.data import demo_splits
+from studio.core.models.load import load_model
+from studio.core.models.sparsity import channel_norms
+from studio.ui.panels.sparsity_panel import (
+    ABSOLUTE,
+    ACTIVATION,
+    APOZ,
+    RELATIVE,
+    ZEROS,
+    SparsityPanel,
+)
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
-from studio.ui.sparsity_panel import ABSOLUTE, ACTIVATION, APOZ, RELATIVE, ZEROS, SparsityPanel
+from studio.ui.widgets.heatmap import HeatmapView
 
 
 def test_heatmap_keeps_data_order_apart_from_display_order(qtbot) -> None:

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from studio.core.data import demo_splits
-from studio.core.evaluate import evaluate
-from studio.core.models import load_model
-from studio.core.plan import PruningPlan
-from studio.core.prune import prune, prune_targets
-from studio.core.train_types import FinetuneResult
-from studio.ui.compare_panel import ComparePanel
+from studio.core.models.data import demo_splits
+from studio.core.models.evaluate import evaluate
+from studio.core.models.load import load_model
+from studio.core.plan.plan import PruningPlan
+from studio.core.prune.engine import prune, prune_targets
+from studio.core.train.types import FinetuneResult
+from studio.ui.panels.compare_panel import ComparePanel
+from studio.ui.panels.training_panel import TrainingPanel
+from studio.ui.panels.training_run import training_split
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
-from studio.ui.training_panel import TrainingPanel
-from studio.ui.training_run import training_split
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_pause_cancel_then_continue_from_the_checkpoint(qtbot, panel: TrainingPa
 
 def test_fine_tunes_on_ray_when_the_compute_setting_says_so(qtbot, panel: TrainingPanel) -> None:
     pytest.importorskip("ray")
-    from studio.core.cluster import Cluster, Compute
+    from studio.core.cluster.connection import Cluster, Compute
 
     session = panel.session
     session.set_compute(Compute("local", 2))

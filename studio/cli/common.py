@@ -1,0 +1,132 @@
+"""What the commands share: the model and data options and their loading, the terminal
+progress bar (which also names the step for crash containment), and the latency predictor
+for a --target-latency. Uses studio.core only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from studio.core.command_guard import note_step
+from studio.core.errors import StudioError
+
+
+class TerminalProgress:
+    """A one-line progress bar with ETA on stderr; silent when stderr is not a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.start = time.monotonic()
+        self.enabled = sys.stderr.isatty()
+        self._last = -1.0
+        self._message: str | None = None
+        note_step(label)
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if message != self._message:
+            self._message = message
+            note_step(f"{self.label}: {message}" if message else self.label)
+        if not self.enabled or (fraction - self._last < 0.01 and fraction < 1.0):
+            return
+        self._last = fraction
+        elapsed = time.monotonic() - self.start
+        eta = f" ETA {elapsed / fraction - elapsed:4.0f}s" if 0.02 < fraction < 1.0 else ""
+        bar = "#" * int(fraction * 30)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {fraction:4.0%}{eta} {message[:30]:<30}")
+        if fraction >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--model",
+        required=required,
+        metavar="SPEC",
+        help="'demo', 'zoo:NAME' or a model file (.pt .pth .pt2 .onnx)",
+    )
+    p.add_argument("--arch", metavar="NAME", help="architecture of a state_dict file")
+    p.add_argument("--input-shape", metavar="S", help="input shape, e.g. 1,3,32,32")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickled model file to run code while loading (trusted files only)",
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--data",
+        required=required,
+        metavar="SPEC",
+        help="'demo', an image folder (one subfolder per class) or an .npz (x, y)",
+    )
+    p.add_argument("--image-size", metavar="HxW", help="resize images of a folder, e.g. 32x32")
+    p.add_argument("--unlabeled", action="store_true", help="ignore labels (fidelity only)")
+
+
+def load_model_arg(args: argparse.Namespace, spec: str | None = None):
+    from studio.core.models.load import load_model
+    from studio.core.models.loaded import parse_shape
+
+    progress = TerminalProgress("loading")
+    progress(0.0, spec or args.model)
+    model = load_model(
+        spec or args.model,
+        arch=args.arch,
+        input_shape=parse_shape(args.input_shape),
+        trust_pickle=args.trust_pickle,
+    )
+    progress(1.0, "")
+    for note in model.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return model
+
+
+def load_data_arg(args: argparse.Namespace):
+    from studio.core.models.data import load_data
+    from studio.core.models.loaded import parse_shape
+
+    size = parse_shape(args.image_size) if args.image_size else None
+    if size is not None and len(size) != 2:
+        raise StudioError(f"--image-size takes HxW, got {args.image_size}")
+    return load_data(args.data, image_size=size, unlabeled=args.unlabeled)  # type: ignore[arg-type]
+
+
+def existing_path(spec: str | None):
+    from pathlib import Path
+
+    return Path(spec) if spec and Path(spec).exists() else None
+
+
+def latency_target(args: argparse.Namespace, model, cost):  # -> (LatencyPredictor, fraction)
+    """``--target-latency F`` or ``MSms``: a predictor and the fraction of its unpruned
+    latency to allocate to."""
+    from studio.core.latency.predict import LatencyPredictor
+
+    text = str(args.target_latency).strip().lower()
+    try:
+        value = float(text[:-2]) if text.endswith("ms") else float(text)
+    except ValueError:
+        raise StudioError(
+            f"bad --target-latency {args.target_latency!r}: a fraction like 0.6 or ms like 2.5ms"
+        ) from None
+    if (args.method or "structured") != "structured":
+        raise StudioError("--target-latency needs --method structured")
+    predictor = LatencyPredictor.build(
+        model,
+        args.runtime or "onnxruntime",
+        args.batch,
+        args.threads,
+        progress=TerminalProgress("calibrating"),
+        cost=cost,
+    )
+    if text.endswith("ms"):
+        if value <= 0 or value > predictor.original_ms:
+            raise StudioError(
+                f"--target-latency {value:g} ms: the unpruned model is predicted at "
+                f"{predictor.original_ms:.3f} ms, give a smaller positive value"
+            )
+        return predictor, value / predictor.original_ms
+    return predictor, value

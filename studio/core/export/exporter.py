@@ -1,0 +1,226 @@
+"""Exporting a model to a file to ship, verified before it is written.
+
+Formats:
+
+- ``onnx``: a single-file ONNX model (see :mod:`studio.core.models.onnx_io`), dynamic batch by
+  default; a model imported from ONNX keeps its input and output names.
+- ``torchscript``: ``torch.jit.trace`` of the module, saved with ``torch.jit.save``.
+- ``pt2``: a ``torch.export`` program (as ``studio prune --out X.pt2`` writes it).
+- ``pytorch``: for built-in architectures, FILE.pt is the studio's rebuildable file (the
+  state_dict, the architecture's name and every layer's sizes; ``torch.load(weights_only=True)``
+  reads it, ``studio --model FILE.pt`` rebuilds the model without running code from the file),
+  and FILE.module.pt beside it the whole pickled module (``torch.load(weights_only=False)``, which
+  needs this studio installed and trusts the file). Other models (ONNX imports) have no
+  architecture to rebuild: FILE.pt is then the whole pickled module only. With a ``plan``, the
+  recipe is written beside as FILE.recipe.yaml.
+
+Every export is verified before anything is written: the file is written to a temporary name,
+``onnx.checker`` checks ONNX files, the file is loaded back in its own runtime (ONNX Runtime,
+``torch.jit.load``, the studio's weights-only loaders) and run on sample inputs beside the
+in-memory model (at two batch sizes when the batch is dynamic; see
+:mod:`studio.core.export.verify` for the tolerance), and the parameters it holds are counted
+against the model's. Only a file that passes is renamed into place; input files are never
+overwritten. For ONNX, the file's ONNX Runtime latency (batch 1, median) is measured beside the
+original (unpruned) model's. Types: :mod:`studio.core.export.types`; the writers:
+:mod:`studio.core.export.writers`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from studio.core.errors import StudioError
+from studio.core.export.types import FORMATS, SUFFIXES, ExportResult
+from studio.core.export.verify import module_params, zero_fraction
+from studio.core.export.writers import Exporter, refuse_protected
+from studio.core.jobs import CancelToken, ProgressFn, check, report
+from studio.core.models import onnx_io as export_onnx
+from studio.core.models import zoo
+from studio.core.models.loaded import EAGER, LoadedModel
+
+__all__ = ["FORMATS", "SUFFIXES", "ExportResult", "export_model", "unpruned_architecture"]
+SAMPLES = 4  # default number of random sample inputs
+ZEROS_NOTE = 0.05  # share of zero weights from which the export says they are stored as zeros
+
+
+def check_export_destination(model: LoadedModel, fmt: str, path: str | Path) -> None:
+    """Refuse, before any work, a format or file name that cannot be written."""
+    if fmt not in FORMATS:
+        raise StudioError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES[fmt]:
+        raise StudioError(
+            f"a {fmt} export is written as {' or '.join(SUFFIXES[fmt])}, not {suffix or path}"
+        )
+
+
+def export_model(
+    model: LoadedModel,
+    fmt: str,
+    path: str | Path,
+    *,
+    original: LoadedModel | None = None,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    input_names: tuple[str, ...] | None = None,
+    output_names: tuple[str, ...] | None = None,
+    samples: torch.Tensor | None = None,
+    measure_latency: bool = True,
+    latency_budget_s: float = 1.0,
+    plan: Any = None,
+    protected: tuple[Path, ...] = (),
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> ExportResult:
+    """Write ``model`` to ``path`` as ``fmt``, verified (see the module docstring).
+
+    ``original`` (ONNX only) is the unpruned model whose ONNX Runtime latency is measured
+    beside the exported file's; ``samples`` are the verification inputs (default: random).
+    ``plan`` (a PruningPlan) is saved beside a ``pytorch`` export as its recipe.
+    """
+    start = time.monotonic()
+    path = Path(path)
+    check_export_destination(model, fmt, path)
+    if opset is not None and fmt != "onnx":
+        raise StudioError("an opset applies to ONNX exports only")
+    opset = (opset or export_onnx.DEFAULT_OPSET) if fmt == "onnx" else None
+    if opset is not None:
+        export_onnx.check_opset(opset)
+    protected = (*protected, *_sources(model), *(_sources(original) if original else ()))
+    refuse_protected(path, protected)
+    module = model.module.eval()
+    x = _samples(model, samples, dynamic_batch)
+    exporter = Exporter(model, fmt, path, x, dynamic_batch, protected)
+    exporter.names = _names(model, input_names, output_names)
+    try:
+        report(progress, 0.0, f"exporting to {fmt}")
+        check(cancel)
+        if fmt == "onnx":
+            assert opset is not None
+            exporter.onnx(opset)
+        elif fmt == "torchscript":
+            exporter.torchscript()
+        elif fmt == "pt2":
+            exporter.pt2()
+        else:
+            exporter.pytorch()
+        report(progress, 0.5, "verified")
+        check(cancel)
+        result = exporter.result
+        result.opset = opset
+        if fmt == "onnx":
+            result.input_names, result.output_names = exporter.names
+        if fmt == "onnx" and measure_latency:
+            report(progress, 0.6, "measuring ONNX Runtime latency")
+            _measure(result, exporter, original, x, latency_budget_s)
+        check(cancel)
+        share = zero_fraction(module)
+        if share >= ZEROS_NOTE:
+            result.notes.append(
+                f"{share:.0%} of the weights are zeros (unstructured sparsity): they are stored as "
+                "zeros, so the file is not smaller and dense runtimes do not run it faster; "
+                "structured pruning removes channels for real"
+            )
+        exporter.commit()
+    except BaseException:  # nothing is left behind by a failed or cancelled export
+        exporter.cleanup()
+        raise
+    if plan is not None and fmt == "pytorch":
+        recipe = path.with_name(path.stem + ".recipe.yaml")
+        plan.save(recipe, protected)
+        result.extra_files += (recipe,)
+    result.seconds = time.monotonic() - start
+    report(progress, 1.0, "done")
+    return result
+
+
+def unpruned_architecture(model: LoadedModel) -> LoadedModel | None:
+    """The built-in architecture ``model`` was pruned from, unpruned, with random weights (the
+    latency of dense layers does not depend on their values); ``model`` itself when it is not
+    pruned; None when it is not a built-in architecture."""
+    if model.kind != EAGER or model.arch not in zoo.NAMES:
+        return None
+    try:
+        with torch.no_grad():
+            out = model.module(model.example_input())
+        classes = int(out.shape[-1])
+        fresh = zoo.build(model.arch, input_shape=model.input_shape, num_classes=classes).eval()
+    except Exception:  # not shaped like the zoo's architecture after all
+        return None
+    if module_params(fresh) == module_params(model.module):
+        return model
+    return LoadedModel(
+        fresh,
+        f"{model.arch} (unpruned architecture)",
+        f"zoo:{model.arch}",
+        EAGER,
+        model.input_shape,
+        arch=model.arch,
+    )
+
+
+def _measure(
+    result: ExportResult,
+    exporter: Exporter,
+    original: LoadedModel | None,
+    x: np.ndarray,
+    budget: float,
+) -> None:
+    """ONNX Runtime latency at batch 1 of the exported file and of the original model."""
+    x1 = x[:1] if result.dynamic_batch else exporter.batches(False)[0]
+    if original is None:
+        (result.ort_ms_exported,) = export_onnx.latencies_ms([exporter.session], x1, budget)
+        result.notes.append("no original model given: the speed-up was not measured")
+        return
+    names = _names(original, None, None)
+    example = torch.from_numpy(x1)
+    data = export_onnx.onnx_bytes(
+        original.module.eval(),
+        example,
+        result.opset or export_onnx.DEFAULT_OPSET,
+        *names,
+        dynamic_batch=result.dynamic_batch,
+    )
+    reference = export_onnx.session(data)
+    ms = export_onnx.latencies_ms([reference, exporter.session], x1, budget)
+    result.ort_ms_original, result.ort_ms_exported = ms
+    result.original_name = original.name
+
+
+def _samples(model: LoadedModel, samples: torch.Tensor | None, dynamic: bool) -> np.ndarray:
+    fixed = model.input_shape[0]
+    count = max(SAMPLES, fixed) if dynamic else fixed * 2
+    x = samples if samples is not None else model.example_input(count)
+    if len(x) < 2 or len(x) < fixed:
+        raise StudioError(f"give at least {max(2, fixed)} sample inputs to verify the export")
+    return x.detach().cpu().float().contiguous().numpy()
+
+
+def _names(
+    model: LoadedModel, inputs: tuple[str, ...] | None, outputs: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names: given ones, else an ONNX import's own, else input/output."""
+    inputs = tuple(inputs or model.input_names or ("input",))
+    if outputs is None:
+        outputs = model.output_names or None
+    if outputs is None:
+        with torch.no_grad():
+            out = model.module(model.example_input())
+        count = len(out) if isinstance(out, tuple | list) else 1
+        outputs = ("output",) if count == 1 else tuple(f"output{i}" for i in range(count))
+    if len(inputs) != 1:
+        raise StudioError(f"the model takes one input, but {len(inputs)} input names were given")
+    return inputs, tuple(outputs)
+
+
+def _sources(model: LoadedModel) -> tuple[Path, ...]:
+    """The files ``model`` was read from: its path, and its spec's (a pruned copy keeps it)."""
+    paths = [model.path] if model.path else []
+    if model.spec not in ("demo",) and not model.spec.startswith("zoo:"):
+        paths.append(Path(model.spec))
+    return tuple(p for p in paths if p.is_file())

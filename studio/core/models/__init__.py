@@ -1,0 +1,6 @@
+"""Models and data: loading (demo, zoo, torch, TorchScript, .pt2, ONNX import and export
+through ONNX Runtime), data sets, the layer inventory and dependency graph, evaluation,
+activation and weight statistics, residual blocks, pruned files, tensor layouts.
+
+The lowest stage: imports only the shared core modules (errors, jobs, files, paths).
+"""

@@ -1,0 +1,425 @@
+"""The Planner tab: choose what to cut (sliders, or Allocate to a target), see the predicted
+effect live, and Apply the plan to a copy of the model in the background.
+
+The targets come from a cost model built in the background for the session's model and the
+chosen method; predictions are recomputed at most every ``SUMMARY_MS`` while sliders move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from PySide6.QtCore import QTimer, Signal
+from PySide6.QtGui import QKeySequence
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.core.jobs import CancelToken, ProgressFn
+from studio.core.models.data import matching_training_split
+from studio.core.plan.allocate import CostModel, allocate
+from studio.core.plan.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
+from studio.core.prune.engine import prune
+from studio.ui import format as fmt
+from studio.ui.panels import scan_text
+from studio.ui.panels.planner_latency import PlannerLatency
+from studio.ui.panels.planner_recipes import PlannerRecipes
+from studio.ui.panels.planner_state import PlannerState
+from studio.ui.panels.planner_table import PlannerTable
+from studio.ui.runner import Job, JobRunner
+from studio.ui.session import WARNING, Session
+from studio.ui.widgets.scan_controls import narrow_combo
+
+SUMMARY_MS = 80
+STRATEGIES = ("sensitivity", "global", "uniform")
+ROUNDING = {"exact": 1, "×4": 4, "×8": 8, "×16": 16}
+TARGET_KINDS = {"MACs": "macs", "parameters": "params", "latency (estimated)": "latency"}
+
+
+class PlannerPanel(PlannerRecipes, QWidget):
+    """Edits a :class:`PruningPlan` for the session's model and applies it."""
+
+    error = Signal(str, str)
+
+    def __init__(self, session: Session, runner: JobRunner, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.runner = runner
+        self.state = PlannerState(self)
+        self.latency = PlannerLatency(session, runner, self)
+        self.latency.ready.connect(self._on_latency_ready)
+        self.latency.failed.connect(self._on_latency_failed)
+        self.jobs: dict[str, Job] = {}
+        self._pending_plan = PruningPlan()
+        self._pending_recipe: tuple[PruningPlan, str] | None = None
+        self._recipe_path_when_ready: str | None = None
+        self._apply_when_loaded = False  # launch option: Apply once a recipe and data are in
+        self._recipe_loaded = False
+        self._summary_timer = QTimer(self)
+        self._summary_timer.setSingleShot(True)
+        self._summary_timer.setInterval(SUMMARY_MS)
+        self._summary_timer.timeout.connect(self.update_summary)
+        self._build()
+        self.state.changed.connect(self._summary_timer.start)
+        self.state.reset.connect(self.update_summary)
+        self.state.undo_stack.canUndoChanged.connect(self.undo_button.setEnabled)
+        self.state.undo_stack.canRedoChanged.connect(self.redo_button.setEnabled)
+        runner.finished.connect(self._on_finished)
+        runner.failed.connect(self._on_failed)
+        runner.cancelled.connect(self._on_cancelled)
+        session.model_changed.connect(self.rebuild)
+        session.scan_changed.connect(self.state.set_scan)
+        session.data_changed.connect(self._update_buttons)
+        session.pruned_changed.connect(self._update_buttons)
+        self.rebuild()
+
+    # --- layout --------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        self.method = narrow_combo()
+        self.method.addItems(list(METHODS))
+        self.method.setToolTip(
+            "structured: remove channels, filters, neurons and heads (smaller, faster)\n"
+            "unstructured: zero single weights\nnm: 2 of every 4 weights zero (2:4)\n"
+            "blocks: replace whole residual blocks by their shortcut"
+        )
+        self.criterion = narrow_combo()
+        self.criterion.addItems(list(CRITERIA))
+        self.criterion.setToolTip("Which channels or weights go first")
+        self.cap = QDoubleSpinBox()
+        self.cap.setRange(0.05, 1.0)
+        self.cap.setSingleStep(0.05)
+        self.cap.setValue(0.9)
+        self.cap.setToolTip("No target may lose more than this fraction")
+        self.recalibrate = QCheckBox("Re-estimate BN")
+        self.recalibrate.setChecked(True)
+        self.recalibrate.setToolTip(
+            "After pruning, re-estimate batch-norm statistics on the data (no training);\n"
+            "without it a heavily pruned network often falls to chance before fine-tuning"
+        )
+        self.kind = narrow_combo()
+        self.kind.addItems(list(TARGET_KINDS))
+        self.keep = QDoubleSpinBox()
+        self.keep.setRange(1.0, 100.0)
+        self.keep.setValue(50.0)
+        self.keep.setSuffix(" % kept")
+        self.strategy = narrow_combo()
+        self.strategy.addItems(list(STRATEGIES))
+        self.strategy.setToolTip(
+            "sensitivity: meet the target with the smallest predicted drop (needs a scan)\n"
+            "global: one importance threshold across layers\nuniform: the same ratio everywhere"
+        )
+        self.round_to = narrow_combo()
+        for label, value in ROUNDING.items():
+            self.round_to.addItem(label, value)
+        self.round_to.setToolTip(
+            "Keep channel counts that are multiples of this when allocating (structured).\n"
+            "Vectorised kernels (ONNX Runtime's NCHWc, oneDNN, tensor cores) run other counts\n"
+            "on slower paths: the demo at half the MACs is 1.7x faster with x8, 0.95x exact."
+        )
+        self.allocate_button = QPushButton("Allocate")
+        self.allocate_button.clicked.connect(self.allocate)
+        plan_row, target_row = QHBoxLayout(), QHBoxLayout()
+        for row, label, widget in (
+            (plan_row, "Method", self.method),
+            (plan_row, "Criterion", self.criterion),
+            (plan_row, "Cap", self.cap),
+            (target_row, "Target", self.kind),
+            (target_row, "", self.keep),
+            (target_row, "by", self.strategy),
+        ):
+            if label:
+                row.addWidget(QLabel(label))
+            row.addWidget(widget)
+        target_row.addWidget(self.allocate_button)
+        plan_row.addStretch(1)
+        target_row.addStretch(1)
+        self.undo_button = self._button("Undo", self.state.undo_stack.undo, plan_row)
+        self.undo_button.setShortcut(QKeySequence.StandardKey.Undo)
+        self.redo_button = self._button("Redo", self.state.undo_stack.redo, plan_row)
+        self.redo_button.setShortcut(QKeySequence.StandardKey.Redo)
+        self.clear_button = self._button("Clear", self.clear, plan_row)
+        self.clear_button.setToolTip("Set every ratio to 0")
+        options_row = QHBoxLayout()
+        options_row.addWidget(self.recalibrate)
+        options_row.addWidget(QLabel("Channels"))
+        options_row.addWidget(self.round_to)
+        self.latency_button = QPushButton("Estimate latency")
+        self.latency_button.setToolTip(
+            "Predict the plan's ONNX Runtime latency on this machine on every change, from a\n"
+            "lookup table of micro-benchmarks (run once per machine, then cached)"
+        )
+        self.latency_button.clicked.connect(lambda: self.latency.build(self.state.cost))
+        options_row.addWidget(self.latency_button)
+        options_row.addStretch(1)
+        actions = QHBoxLayout()
+        actions.addStretch(1)
+        self.load_button = self._button("Load recipe…", self._ask_load_recipe, actions)
+        self.save_button = self._button("Save recipe…", self._ask_save_recipe, actions)
+        self.apply_button = self._button("Apply", self.apply, actions)
+        self.apply_button.setStyleSheet("font-weight: 600")
+        self.apply_button.setToolTip("Prune a copy of the model with this plan")
+        self.revert_button = self._button("Revert", self.revert, actions)
+        self.revert_button.setToolTip("Drop the pruned model; the original was never changed")
+
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        strip = QFrame()
+        strip.setFrameShape(QFrame.Shape.StyledPanel)
+        strip.setStyleSheet("QFrame { background: #f4f7fb; }")
+        strip_layout = QVBoxLayout(strip)
+        strip_layout.addWidget(self.summary)
+        strip_layout.addLayout(actions)
+        top = QVBoxLayout()
+        top.addLayout(plan_row)
+        top.addLayout(target_row)
+        top.addLayout(options_row)
+
+        self.table = PlannerTable(self.state)
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addWidget(strip)
+        layout.addWidget(self.table, 1)
+        self.method.currentTextChanged.connect(lambda _: self.rebuild())
+        self.criterion.currentTextChanged.connect(lambda c: self.state.set_plan_fields(criterion=c))
+        self.cap.valueChanged.connect(lambda v: self.state.set_plan_fields(cap=float(v)))
+        self.round_to.currentIndexChanged.connect(
+            lambda _i: self.state.set_plan_fields(round_to=int(self.round_to.currentData()))
+        )
+        self.recalibrate.toggled.connect(
+            lambda on: self.state.set_plan_fields(recalibrate_bn=bool(on))
+        )
+        self.state.changed.connect(self._update_buttons)
+
+    @staticmethod
+    def _button(text: str, slot: Any, layout: QHBoxLayout) -> QPushButton:
+        button = QPushButton(text)
+        button.setMinimumWidth(button.fontMetrics().horizontalAdvance(text) + 18)
+        button.clicked.connect(lambda _=False: slot())
+        layout.addWidget(button)
+        return button
+
+    # --- commands ------------------------------------------------------------------------
+
+    def rebuild(self, *_args: object) -> None:
+        """Targets for the session's model and the chosen method, built in the background."""
+        model = self.session.model
+        self._cancel("targets")
+        if model is None:
+            self.state.start(None, PruningPlan())
+            self.summary.setText("Open a model to plan its pruning.")
+            return
+        method = self.method.currentText()
+        plan = PruningPlan(
+            method=method,
+            criterion=self.criterion.currentText(),
+            cap=float(self.cap.value()),
+            recalibrate_bn=self.recalibrate.isChecked(),
+            round_to=int(self.round_to.currentData()),
+            model_fingerprint="",
+        )
+        self.summary.setText(f"Finding the {method} targets of {model.name}…")
+
+        replica = model.replica()  # traced with hooks: a private copy, made on this thread
+
+        def work(progress: ProgressFn, cancel: CancelToken) -> tuple[CostModel, str]:
+            progress(0.0, f"{method} targets")
+            cost = CostModel.build(replica, method)
+            cancel.check()
+            return cost, replica.fingerprint()
+
+        # in the window's process: the cost model keeps Torch-Pruning's groups (autograd nodes,
+        # which do not pickle), and allocation works on them
+        self.jobs["targets"] = self.runner.start("Planning targets", work, isolate=False)
+        self._pending_plan = plan
+        self.state.start(None, plan)
+
+    def allocate(self) -> Job | None:
+        """Move the sliders so the plan meets the target (in the background)."""
+        cost, model = self.state.cost, self.session.model
+        if cost is None or model is None:
+            return None
+        strategy = self.strategy.currentText()
+        kind = TARGET_KINDS[self.kind.currentText()]
+        fraction = float(self.keep.value()) / 100.0
+        report = self.session.scan if self.state.scan_matches() else None
+        if strategy == "sensitivity" and report is None:
+            mode = self.state.plan.method
+            self._fail(
+                "Cannot allocate by sensitivity",
+                f"run a {mode} sensitivity scan first (Sensitivity tab), or choose global or "
+                "uniform",
+            )
+            return None
+        if kind == "latency" and self.latency.predictor is None:
+            if self.state.plan.method != "structured":
+                self._fail("Cannot allocate", "a latency target needs structured pruning")
+                return None
+            self.allocate_button.setEnabled(False)
+            return self.latency.build(cost, then=self.allocate)  # allocates once it is ready
+        plan, data = self.state.plan, self.session.data
+        module = model.replica().module  # importances may trace the module
+        predictor = self.latency.predictor
+
+        def work(progress: ProgressFn, cancel: CancelToken) -> PruningPlan:
+            progress(0.0, f"{strategy} allocation")
+            return allocate(
+                cost, plan, strategy, kind, fraction, report, module, data, predictor=predictor
+            )
+
+        self.jobs["allocate"] = self.runner.start("Allocating", work, isolate=False)
+        self.allocate_button.setEnabled(False)
+        return self.jobs["allocate"]
+
+    def clear(self) -> None:
+        self.state.set_all({}, "clear all ratios")
+
+    def apply(self) -> Job | None:
+        """Prune a copy of the model with the current plan (the loaded model never changes)."""
+        model, data, plan = self.session.model, self.session.data, self.state.plan
+        if model is None or self.running("apply"):
+            return None
+        if not plan.active():
+            self._fail("Nothing to prune", "every ratio is 0: move a slider or Allocate first")
+            return None
+        if plan.criterion in NEEDS_DATA and data is None:
+            self._fail("Data needed", f"the {plan.criterion} criterion needs data: open some")
+            return None
+
+        calibration = matching_training_split(data) if data is not None else None
+
+        def work(progress: ProgressFn, cancel: CancelToken) -> Any:
+            return prune(model, plan, data, progress, cancel, calibration=calibration)
+
+        self.session.log(
+            f"Pruning {model.name}: {plan.method}, {plan.criterion}, {len(plan.active())} targets"
+        )
+        self.jobs["apply"] = self.runner.start("Pruning", work)
+        self._update_buttons()
+        return self.jobs["apply"]
+
+    def revert(self) -> None:
+        if self.session.pruned is not None:
+            self.session.set_pruned(None)
+            self.session.log("Reverted to the original model")
+
+    def running(self, key: str) -> bool:
+        job = self.jobs.get(key)
+        return job is not None and not job.done
+
+    def _cancel(self, key: str) -> None:
+        if self.running(key):
+            self.jobs[key].cancel()
+
+    # --- results -------------------------------------------------------------------------
+
+    def _on_finished(self, job: Job, result: object) -> None:
+        key = next((k for k, j in self.jobs.items() if j is job), None)
+        if key == "targets":
+            cost, fingerprint = result  # type: ignore[misc]
+            self.state.start(cost, replace(self._pending_plan, model_fingerprint=fingerprint))
+            self.state.set_scan(self.session.scan)
+            recipe, self._pending_recipe = self._pending_recipe, None
+            if recipe is not None:
+                self._apply_recipe(recipe)
+            path, self._recipe_path_when_ready = self._recipe_path_when_ready, None
+            if path is not None:
+                self._load_reporting(path)
+        elif key == "allocate":
+            assert isinstance(result, PruningPlan)
+            target = result.target
+            self.state.set_all(result.ratios, f"allocate {target.get('allocate', '')}")
+            self.session.log(
+                f"Allocated by {target.get('allocate')}: keep {target.get('fraction', 0):.0%} "
+                f"of the {target.get('kind')}"
+            )
+        elif key == "apply":
+            self.session.set_pruned(result)
+            self._log_result(result)
+        self._update_buttons()
+
+    def _log_result(self, result: Any) -> None:
+        s = self.session
+        s.log(
+            f"Pruned: parameters {result.params_before:,} → {result.params_after:,}, "
+            f"MACs {result.macs_before:,} → {result.macs_after:,} in "
+            f"{fmt.duration(result.seconds)}"
+        )
+        for note in getattr(result, "notes", ()):
+            s.log(note)
+        for layer, reason in getattr(result, "skipped", ()):
+            s.log(f"Rolled back {layer}: {reason}", WARNING)
+
+    def _on_failed(self, job: Job, message: str) -> None:
+        key = next((k for k, j in self.jobs.items() if j is job), None)
+        if key is not None:
+            title = {"targets": "Cannot plan", "allocate": "Allocation failed"}.get(
+                key, "Pruning failed"
+            )
+            self._fail(title, message, job.traceback)
+            self._update_buttons()
+
+    def _on_cancelled(self, job: Job) -> None:
+        if job in self.jobs.values():
+            self._update_buttons()
+
+    def _fail(self, title: str, message: str, trace: str = "") -> None:
+        self.session.log_failure(title, message, trace)
+        self.error.emit(title, message)
+
+    # --- view ----------------------------------------------------------------------------
+
+    def update_summary(self) -> None:
+        """The strip: parameters and MACs before -> after, and the predicted drop."""
+        cost, prediction = self.state.cost, self.state.predict()
+        if cost is None or prediction is None:
+            return
+        parts = [
+            f"<b>Parameters</b> {cost.params_before:,} → {prediction.params:,} "
+            f"({prediction.params / max(cost.params_before, 1):.1%})",
+            f"<b>MACs</b> {fmt.compact(cost.macs_before)} → {fmt.compact(prediction.macs)} "
+            f"({prediction.macs / max(cost.macs_before, 1):.1%})",
+        ]
+        if prediction.drop is not None and self.state.report is not None:
+            metric = self.state.report.settings.metric
+            parts.append(
+                f"<b>Predicted drop</b> {scan_text.drop_text(metric, prediction.drop)} "
+                f"(sum of per-layer {metric} drops from the scan)"
+            )
+        else:
+            parts.append(f"<b>Predicted drop</b>: run a {self.state.plan.method} sensitivity scan")
+        latency = self.latency.text(self.state.plan)
+        if latency:
+            parts.append(latency)
+        self.summary.setText("  ·  ".join(parts))
+
+    def _on_latency_ready(self) -> None:
+        self.update_summary()
+        self._update_buttons()
+
+    def _on_latency_failed(self, message: str) -> None:
+        if message:
+            self._fail("Cannot estimate latency", message)
+        self._update_buttons()
+
+    def _update_buttons(self, *_args: object) -> None:
+        has_targets = self.state.cost is not None
+        busy = self.running("apply")
+        self.allocate_button.setEnabled(has_targets and not self.running("allocate"))
+        self.apply_button.setEnabled(has_targets and not busy and bool(self.state.plan.active()))
+        self.apply_button.setText("Pruning…" if busy else "Apply")
+        self.revert_button.setEnabled(self.session.pruned is not None)
+        self.save_button.setEnabled(has_targets)
+        self.load_button.setEnabled(has_targets)
+        self.clear_button.setEnabled(bool(self.state.plan.active()))
+        self.latency_button.setEnabled(
+            has_targets and self.latency.predictor is None and not self.latency.building
+        )
