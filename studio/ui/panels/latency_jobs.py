@@ -9,7 +9,7 @@ from typing import Any
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn, sub_progress
 from studio.core.latency.fit import quiet_side_by_side
-from studio.core.latency.measure import measure_latency
+from studio.core.latency.measure import measure_latency, profile_layers
 from studio.core.plan.plan import PruningPlan
 from studio.ui.panels.latency_variants import Variant
 
@@ -71,3 +71,14 @@ def measure_variants(
             continue
         yield ("estimated", position[id(variant)], key, predictor.predict(plan).total_ms)
     return ""
+
+
+def profile_variant(
+    variant: Variant, key: tuple, progress: ProgressFn, cancel: CancelToken
+) -> Iterator[Any]:
+    """The per-layer profile job: one item ("layers", 0, key, layer times) for ``variant``."""
+    runtime, batch, threads, device = key
+    layers = profile_layers(
+        variant.model, runtime, batch, threads, device, progress=progress, cancel=cancel
+    )
+    yield ("layers", 0, key, layers)

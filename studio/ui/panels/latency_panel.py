@@ -10,22 +10,18 @@ by micro-benchmarks and cached on disk.
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
-    QSpinBox,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -36,34 +32,27 @@ from PySide6.QtWidgets import (
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, ProgressFn
-from studio.core.latency.devices import DeviceProfile, list_devices
+from studio.core.latency.devices import DeviceProfile
 from studio.core.latency.devices_estimate import DeviceEstimator
-from studio.core.latency.measure import default_threads, profile_layers
 from studio.core.latency.types import DeviceEstimate
-from studio.ui import format as fmt
-from studio.ui.panels.latency_jobs import measure_variants
-from studio.ui.panels.latency_variants import Variant, log_line, quality_of, variants_csv
+from studio.ui.panels.latency_jobs import measure_variants, profile_variant
+from studio.ui.panels.latency_settings import RUNTIMES, LatencySettings
+from studio.ui.panels.latency_variants import (
+    COLUMNS,
+    Variant,
+    device_cells,
+    finetuned_variant,
+    log_line,
+    pruned_variant,
+    quality_of,
+    table_row,
+    variants_csv,
+)
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import WARNING, Session
 from studio.ui.widgets import charts
 from studio.ui.widgets.layer_bars import LayerBars
 from studio.ui.widgets.pareto_chart import ParetoChart
-
-COLUMNS = (
-    "Variant",
-    "Parameters",
-    "MACs",
-    "Quality",
-    "Measured ms (p10–p90)",
-    "Quiet ms",
-    "Samples/s",
-    "Estimated ms",
-    "Error vs quiet",
-    "Device ms (est.)",
-    "Energy mJ (est.)",
-    "Memory-bound layers",
-)
-RUNTIMES = {"ONNX Runtime": "onnxruntime", "PyTorch (eager)": "torch"}
 
 
 class LatencyPanel(QWidget):
@@ -100,19 +89,11 @@ class LatencyPanel(QWidget):
     # ---- layout -------------------------------------------------------------------------
 
     def _build(self) -> None:
-        self.runtime = QComboBox()
-        self.runtime.addItems(list(RUNTIMES))
-        self.device = QComboBox()
-        self.device.addItem("CPU", "cpu")
-        if torch.cuda.is_available():
-            self.device.addItem(f"CUDA ({torch.cuda.get_device_name(0)})", "cuda")
-        self.batch = self._spin(1, 4096, 1, "samples per inference")
-        self.threads = self._spin(1, os.cpu_count() or 1, default_threads(), "intra-op threads")
-        self.budget = QDoubleSpinBox()
-        self.budget.setRange(0.2, 60.0)
-        self.budget.setValue(2.0)
-        self.budget.setSuffix(" s")
-        self.budget.setToolTip("time budget per model: runs stop when the median is stable or here")
+        form = LatencySettings(self.session)
+        self.form = form
+        self.runtime, self.device, self.batch = form.runtime, form.device, form.batch
+        self.threads, self.budget, self.target = form.threads, form.budget, form.target
+        self.source, self.profiles = form.source, form.profiles
         self.measure_button = QPushButton("Measure")
         self.measure_button.setStyleSheet("font-weight: 600")
         self.measure_button.setToolTip("Time every variant (and estimate it from the lookup table)")
@@ -126,23 +107,7 @@ class LatencyPanel(QWidget):
         self.x_axis.addItems(["quality vs latency", "quality vs MACs"])
         self.x_axis.setToolTip("What the quality chart plots against")
         self.x_axis.currentIndexChanged.connect(self.redraw)
-        self.target = QComboBox()
-        self.target.setToolTip(
-            "A target device's published figures (resources/devices, or your own YAML files in\n"
-            "the user folder): a per-layer roofline estimate of latency and energy"
-        )
-        self.target.addItem("none", None)
-        try:
-            self.profiles = list_devices()
-        except StudioError as exc:  # a bad user profile: say so, keep the bundled ones usable
-            self.profiles = []
-            self.session.log(f"Device profiles: {exc}", WARNING)
-        for profile in self.profiles:
-            self.target.addItem(profile.title, profile.name)
         self.target.currentIndexChanged.connect(self.refresh)
-        self.source = QLabel()
-        self.source.setWordWrap(True)
-        self.source.setStyleSheet("color: #666666")
         self.saving = charts.SaveButtons(
             self,
             self.session,
@@ -152,20 +117,6 @@ class LatencyPanel(QWidget):
             ("Save latency charts", "Save latency table"),
             lambda title, message: self.error.emit(title, message),
         )
-        row = QHBoxLayout()
-        for label, widget in (
-            ("Runtime", self.runtime),
-            ("Device", self.device),
-            ("Batch", self.batch),
-            ("Threads", self.threads),
-        ):
-            row.addWidget(QLabel(label))
-            row.addWidget(widget)
-        row.addStretch(1)
-        device_row = QHBoxLayout()
-        device_row.addWidget(QLabel("Target device"))
-        device_row.addWidget(self.target)
-        device_row.addWidget(self.source, 1)
         actions = QHBoxLayout()
         for widget in (self.budget, self.measure_button, self.profile_button, self.cancel_button):
             actions.addWidget(widget)
@@ -209,18 +160,10 @@ class LatencyPanel(QWidget):
         for spin in (self.batch, self.threads):
             spin.valueChanged.connect(self.refresh)
         layout = QVBoxLayout(self)
-        layout.addLayout(row)
-        layout.addLayout(device_row)
+        layout.addWidget(form)
         layout.addLayout(actions)
         layout.addWidget(self.status)
         layout.addWidget(body, 1)
-
-    def _spin(self, low: int, high: int, value: int, tip: str) -> QSpinBox:
-        box = QSpinBox()
-        box.setRange(low, high)
-        box.setValue(value)
-        box.setToolTip(tip)
-        return box
 
     def measure_when_ready(self, after: str) -> None:
         """Measure (and profile the last variant) once ``after`` arrives: 'evaluation',
@@ -272,17 +215,7 @@ class LatencyPanel(QWidget):
     def _on_pruned(self, result: Any) -> None:
         if result is None or not self.variants:
             return
-        count = sum(1 for v in self.variants if v.name.startswith("pruned"))
-        self.variants.append(
-            Variant(
-                f"pruned {count + 1}",
-                result.model,
-                result.plan,
-                result.params_after,
-                result.macs_after,
-                quality_of(result.quality_after),
-            )
-        )
+        self.variants.append(pruned_variant(result, self.variants))
         self.refresh()
         self._maybe_measure("pruned")
 
@@ -290,20 +223,7 @@ class LatencyPanel(QWidget):
         pruned = self.session.pruned
         if result is None or not self.variants:
             return
-        source = next((v for v in reversed(self.variants) if v.model is pruned.model), None)
-        name = f"{source.name} fine-tuned" if source is not None else "fine-tuned"
-        quality = result.accuracy_after if result.accuracy_after is not None else None
-        quality = quality if quality is not None else result.agreement_after
-        self.variants.append(
-            Variant(
-                name,
-                result.model,
-                source.plan if source is not None else None,
-                result.params,
-                source.macs if source is not None else None,
-                quality,
-            )
-        )
+        self.variants.append(finetuned_variant(result, pruned, self.variants))
         self.refresh()
         self._maybe_measure("finetuned")
 
@@ -344,10 +264,7 @@ class LatencyPanel(QWidget):
         runtime, batch, threads, device = key = self.settings_key()
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
-            layers = profile_layers(
-                variant.model, runtime, batch, threads, device, progress=progress, cancel=cancel
-            )
-            yield ("layers", 0, key, layers)
+            return profile_variant(variant, key, progress, cancel)
 
         self.profile_job = self.runner.start_stream("Per-layer latency", work)
         self._job_variants[self.profile_job] = [variant]
@@ -428,27 +345,8 @@ class LatencyPanel(QWidget):
         self.table.setRowCount(len(self.variants))
         base = self.variants[0].measured.get(key) if self.variants else None
         for i, v in enumerate(self.variants):
-            m, est = v.measured.get(key), v.estimated.get(key)
-            measured = (
-                f"{m.median_ms:.3f}  ({m.p10_ms:.3f}–{m.p90_ms:.3f})" if m is not None else ""
-            )
-            if m is not None and base is not None and v is not self.variants[0]:
-                measured += f"  {base.median_ms / m.median_ms:.2f}×"
-            calm = (m.quiet_ms or m.median_ms) if m is not None else 0.0
-            error = f"{(est - calm) / calm:+.1%}" if m and est else ""
-            device = self._device_cells(v)
-            values = (
-                v.name,
-                fmt.thousands(v.params),
-                fmt.compact(v.macs) if v.macs else fmt.DASH,
-                fmt.percent(v.quality, 2) if v.quality is not None else fmt.DASH,
-                measured,
-                f"{m.quiet_ms:.3f}" if m is not None and m.quiet_ms else "",
-                f"{m.throughput:,.0f}" if m is not None else "",
-                f"{est:.3f}" if est is not None else "",
-                error,
-                *device,
-            )
+            first = v is self.variants[0]
+            values = table_row(v, key, None if first else base, self._device_cells(v))
             for column, text in enumerate(values):
                 item = QTableWidgetItem(text)
                 if column:
@@ -463,17 +361,9 @@ class LatencyPanel(QWidget):
 
     def _device_cells(self, variant: Variant) -> tuple[str, str, str]:
         try:
-            estimate = self.device_estimate(variant)
+            return device_cells(self.device_estimate(variant))
         except StudioError as exc:
             return (f"({exc})"[:60], "", "")
-        if estimate is None:
-            return ("", "", "")
-        memory = sum(1 for layer in estimate.layers if layer.bound == "memory")
-        return (
-            f"{estimate.total_ms:.3f}",
-            f"{estimate.energy_mj:.4f}",
-            f"{memory} of {len(estimate.layers)}",
-        )
 
     def redraw(self, *_args: object) -> None:
         key = self.settings_key()

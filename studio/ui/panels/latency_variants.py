@@ -7,10 +7,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from studio.core.latency.types import LatencyMeasurement, LayerTime
+from studio.core.latency.types import DeviceEstimate, LatencyMeasurement, LayerTime
 from studio.core.models.loaded import LoadedModel
 from studio.core.plan.plan import PruningPlan
+from studio.ui import format as fmt
 from studio.ui.widgets import charts
+
+# the Latency tab's table
+COLUMNS = (
+    "Variant",
+    "Parameters",
+    "MACs",
+    "Quality",
+    "Measured ms (p10–p90)",
+    "Quiet ms",
+    "Samples/s",
+    "Estimated ms",
+    "Error vs quiet",
+    "Device ms (est.)",
+    "Energy mJ (est.)",
+    "Memory-bound layers",
+)
 
 
 @dataclass
@@ -68,3 +85,72 @@ def quality_of(evaluation: Any) -> float | None:
         return None
     accuracy = getattr(evaluation, "accuracy", None)
     return accuracy if accuracy is not None else getattr(evaluation, "agreement", None)
+
+
+def table_row(
+    v: Variant, key: tuple, base: LatencyMeasurement | None, device: tuple[str, str, str]
+) -> tuple[str, ...]:
+    """The table's cells for ``v`` (one per :data:`COLUMNS`) with the settings ``key``; with
+    ``base`` (the original's measurement) the measured cell gives the speed-up over it."""
+    m, est = v.measured.get(key), v.estimated.get(key)
+    measured = f"{m.median_ms:.3f}  ({m.p10_ms:.3f}–{m.p90_ms:.3f})" if m is not None else ""
+    if m is not None and base is not None:
+        measured += f"  {base.median_ms / m.median_ms:.2f}×"
+    calm = (m.quiet_ms or m.median_ms) if m is not None else 0.0
+    error = f"{(est - calm) / calm:+.1%}" if m and est else ""
+    return (
+        v.name,
+        fmt.thousands(v.params),
+        fmt.compact(v.macs) if v.macs else fmt.DASH,
+        fmt.percent(v.quality, 2) if v.quality is not None else fmt.DASH,
+        measured,
+        f"{m.quiet_ms:.3f}" if m is not None and m.quiet_ms else "",
+        f"{m.throughput:,.0f}" if m is not None else "",
+        f"{est:.3f}" if est is not None else "",
+        error,
+        *device,
+    )
+
+
+def pruned_variant(result: Any, variants: list[Variant]) -> Variant:
+    """The variant of a pruning result (a PruneResult), numbered after the pruned ones so far."""
+    count = sum(1 for v in variants if v.name.startswith("pruned"))
+    return Variant(
+        f"pruned {count + 1}",
+        result.model,
+        result.plan,
+        result.params_after,
+        result.macs_after,
+        quality_of(result.quality_after),
+    )
+
+
+def finetuned_variant(result: Any, pruned: Any, variants: list[Variant]) -> Variant:
+    """The variant of a fine-tuning result, named and planned after the pruned variant it
+    started from (``pruned``: the session's PruneResult)."""
+    source = next(
+        (v for v in reversed(variants) if pruned is not None and v.model is pruned.model), None
+    )
+    name = f"{source.name} fine-tuned" if source is not None else "fine-tuned"
+    quality = result.accuracy_after if result.accuracy_after is not None else None
+    quality = quality if quality is not None else result.agreement_after
+    return Variant(
+        name,
+        result.model,
+        source.plan if source is not None else None,
+        result.params,
+        source.macs if source is not None else None,
+        quality,
+    )
+
+
+def device_cells(estimate: DeviceEstimate | None) -> tuple[str, str, str]:
+    """The target-device cells: estimated ms, energy, and how many layers are memory-bound."""
+    if estimate is None:
+        return ("", "", "")
+    memory = sum(1 for layer in estimate.layers if layer.bound == "memory")
+    return (
+        f"{estimate.total_ms:.3f}",
+        f"{estimate.energy_mj:.4f}",
+        f"{memory} of {len(estimate.layers)}",
+    )
