@@ -63,11 +63,17 @@ def measure(epochs: int) -> dict[str, dict[str, float]]:
         window.runner.progress.connect(lambda *a: first.append(time.perf_counter()))
         ticks.clear()
         probe.start(PROBE_MS)
+        loop = QEventLoop()  # the window's own loop: it sleeps between events, as in the app
+        signals = (window.runner.finished, window.runner.failed, window.runner.cancelled)
+        for signal in signals:
+            signal.connect(loop.quit)
         began = time.perf_counter()
         job = start()
-        while not job.done:
-            app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 20)
+        if not job.done:
+            loop.exec()
         ended = time.perf_counter()
+        for signal in signals:
+            signal.disconnect(loop.quit)
         probe.stop()
         window.runner.progress.disconnect()
         gaps = [(b - a) * 1000 for a, b in zip(ticks, ticks[1:])]
