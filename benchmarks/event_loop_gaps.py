@@ -100,6 +100,7 @@ def measure(epochs: int) -> dict[str, dict[str, float]]:
     names = prune_targets(model, "structured")
     plan = PruningPlan("structured", ratios=dict.fromkeys(names, 0.5))
     window.session.set_pruned(prune(model, plan, calibration=demo_splits()[0]))
+    wait_idle()  # the jobs a new pruned model starts (channel norms...) end before measuring
     window.training.form.epochs.setValue(epochs)
     tune = run(window.training.start)
     steps = [r for r in window.training.history if r.kind == "step"]
