@@ -29,10 +29,10 @@ from studio.core.plan.allocate import CostModel, allocate
 from studio.core.plan.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
 from studio.core.prune.engine import prune
 from studio.ui import format as fmt
-from studio.ui.panels import scan_text
 from studio.ui.panels.planner_latency import PlannerLatency
 from studio.ui.panels.planner_recipes import PlannerRecipes
 from studio.ui.panels.planner_state import PlannerState
+from studio.ui.panels.planner_summary import summary_parts
 from studio.ui.panels.planner_table import PlannerTable
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import WARNING, Session
@@ -382,20 +382,7 @@ class PlannerPanel(PlannerRecipes, QWidget):
         cost, prediction = self.state.cost, self.state.predict()
         if cost is None or prediction is None:
             return
-        parts = [
-            f"<b>Parameters</b> {cost.params_before:,} → {prediction.params:,} "
-            f"({prediction.params / max(cost.params_before, 1):.1%})",
-            f"<b>MACs</b> {fmt.compact(cost.macs_before)} → {fmt.compact(prediction.macs)} "
-            f"({prediction.macs / max(cost.macs_before, 1):.1%})",
-        ]
-        if prediction.drop is not None and self.state.report is not None:
-            metric = self.state.report.settings.metric
-            parts.append(
-                f"<b>Predicted drop</b> {scan_text.drop_text(metric, prediction.drop)} "
-                f"(sum of per-layer {metric} drops from the scan)"
-            )
-        else:
-            parts.append(f"<b>Predicted drop</b>: run a {self.state.plan.method} sensitivity scan")
+        parts = summary_parts(cost, prediction, self.state.report, self.state.plan.method)
         latency = self.latency.text(self.state.plan)
         if latency:
             parts.append(latency)

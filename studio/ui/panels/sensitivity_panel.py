@@ -28,11 +28,11 @@ from PySide6.QtWidgets import (
 from studio.core.cluster.connection import ClusterInfo, Compute
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
-from studio.core.jobs import CancelToken, ProgressFn, sub_progress
-from studio.core.scan.sensitivity import SensitivityScan
+from studio.core.jobs import CancelToken, ProgressFn
 from studio.core.scan.types import ScanReport, ScanRow
 from studio.ui import format as fmt
 from studio.ui.panels import scan_text
+from studio.ui.panels.sensitivity_jobs import scan_stream
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import WARNING, Session
 from studio.ui.widgets import charts
@@ -173,34 +173,7 @@ class SensitivityPanel(QWidget):
         # in the worker, so that no other job's hooks are copied with it)
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
-            if compute.on_ray and settings.method != "taylor":  # taylor: one pass, here
-                from studio.core.cluster import scan as _ray_scan  # noqa: F401 - registers it
-                from studio.core.cluster.connection import check_connection
-
-                progress(0.0, f"connecting to Ray ({compute.address})")
-                yield check_connection(compute.address)  # ClusterInfo: where it runs
-                scan = SensitivityScan(
-                    model,
-                    data,
-                    settings,
-                    use_cache=use_cache,
-                    workers=compute.workers,
-                    ray_address=compute.address,
-                )
-            else:
-                scan = SensitivityScan(model, data, settings, use_cache=use_cache)
-            prepared = scan.prepare(sub_progress(progress, 0.0, 0.05), cancel)
-            yield ScanReport(
-                settings,
-                list(prepared.targets),
-                prepared.baseline,
-                list(prepared.rows),
-                cached_rows=prepared.cached_rows,
-            )
-            rest = sub_progress(progress, 0.05, 1.0)
-            yield from scan.run(rest, cancel)
-            assert scan.report is not None
-            return scan.report.seconds
+            return scan_stream(model, data, settings, use_cache, compute, progress, cancel)
 
         self.report = None
         self.heatmap.set_matrix([], [], np.zeros((0, 0)))

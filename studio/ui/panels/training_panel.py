@@ -42,6 +42,7 @@ from studio.ui.panels.training_run import (
     RunBaseline,
     RunStarted,
     checkpoint_folder,
+    describe_record,
     summary_text,
     training_split,
     training_stream,
@@ -367,13 +368,7 @@ class TrainingPanel(QWidget):
         return evaluation.accuracy if self.session.data and self.session.data.labelled else None
 
     def _describe(self, record: TrainRecord) -> str:
-        total = self.form.epochs.value()
-        text = f"Epoch {record.epoch:.2f} of {total} · loss {record.loss:.4f}"
-        text += f" · lr {record.lr:.2e} · {record.samples_per_s:,.0f} samples/s"
-        best = self.charts.best
-        if best is not None:
-            text += f" · best so far: epoch {best[2]:.0f}, {best[1]:.2f} %"
-        return text
+        return describe_record(record, self.form.epochs.value(), self.charts.best)
 
     # ---- state --------------------------------------------------------------------------
 

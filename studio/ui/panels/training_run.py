@@ -159,3 +159,13 @@ def summary_text(result: FinetuneResult) -> str:
     if result.stopped_early:
         text += "; stopped early"
     return text
+
+
+def describe_record(record: TrainRecord, epochs: int, best: tuple | None) -> str:
+    """The status line while training: epoch, loss, learning rate, speed, best so far
+    (``best``: the charts' (step, quality %, epoch) of the best epoch)."""
+    text = f"Epoch {record.epoch:.2f} of {epochs} · loss {record.loss:.4f}"
+    text += f" · lr {record.lr:.2e} · {record.samples_per_s:,.0f} samples/s"
+    if best is not None:
+        text += f" · best so far: epoch {best[2]:.0f}, {best[1]:.2f} %"
+    return text
