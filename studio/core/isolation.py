@@ -40,7 +40,7 @@ from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken, PauseToken, ProgressFn
 
 POLL_S = 0.05  # how often the caller looks at its tokens while a child runs
-GRACE_S = 0.5  # a cancelled child that has not ended by then is killed
+GRACE_S = 0.3  # a cancelled child that has not ended by then is killed
 PROGRESS_EVERY_S = 0.05  # the child sends progress at most this often (and every message change)
 PRELOAD = [
     "torch",

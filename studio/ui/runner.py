@@ -5,7 +5,7 @@ A job is a plain core call ``fn(progress, cancel)``; a stream job is a core gene
 and whose ``return`` value is the job's result. Each job runs in a process of its own
 (:mod:`studio.core.isolation`), driven from a ``QThreadPool`` thread: a native crash or hang in
 torch, ONNX Runtime or a converted model ends the job (reported as failed, naming the job), not
-the window, and Cancel kills a job that does not stop within half a second. Jobs that must share
+the window, and Cancel kills a job that does not stop within 0.3 s. Jobs that must share
 the window's process (the Ray connection, a server the window shows) pass ``isolate=False``; a
 job whose closure does not pickle runs on the thread, with a warning in the log.
 The worker thread never touches a widget: it emits the runner's private signals, which Qt
