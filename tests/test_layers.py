@@ -20,8 +20,6 @@ STUDIO = ROOT / "studio"
 STAGES = ("models", "scan", "plan", "prune", "latency", "train", "export", "cluster")
 SHARED = {"errors", "jobs", "files", "paths", "isolation", "command_guard"}
 QT = ("PySide6", "shiboken6", "pyqtgraph", "superqt", "qtpy", "PyQt5", "PyQt6")
-# the UI's layers, lowest first (modules at the top of studio.ui are "window")
-UI_LAYERS = ("widgets", "panels", "dialogs", "window")
 UI_ALLOWED = {  # layer -> the UI layers it may import
     "widgets": {"widgets", "base"},
     "panels": {"widgets", "panels", "base"},

@@ -37,14 +37,14 @@ from typing import Any
 import cloudpickle
 
 from studio.core.errors import Cancelled, StudioError
-from studio.core.jobs import CancelToken, PauseToken, ProgressFn
+from studio.core.jobs import CancelToken, PauseToken, ProgressFn, drain
 
 POLL_S = 0.05  # how often the caller looks at its tokens while a child runs
 GRACE_S = 0.3  # a cancelled child that has not ended by then is killed
 PROGRESS_EVERY_S = 0.05  # the child sends progress at most this often (and every message change)
 PRELOAD = [
     "torch",
-    "studio.core.models",
+    "studio.core.models.load",
     "studio.core.scan.sensitivity",
     "studio.core.prune.engine",
     "studio.core.train.finetune",
@@ -120,16 +120,16 @@ class _JobPickler(cloudpickle.Pickler):
     def __init__(self, file: io.BytesIO, tokens: dict[str, Any]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tokens = tokens
+        self.keys: dict[int, str] = {}  # id(token) -> its key
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, (CancelToken, PauseToken)):
-            for key, known in self.tokens.items():
-                if known is obj:
-                    return ("token", key, type(obj).__name__, _state(obj))
-            key = uuid.uuid4().hex
+        if not isinstance(obj, (CancelToken, PauseToken)):
+            return None
+        key = self.keys.get(id(obj))
+        if key is None:
+            key = self.keys[id(obj)] = uuid.uuid4().hex
             self.tokens[key] = obj
-            return ("token", key, type(obj).__name__, _state(obj))
-        return None
+        return ("token", key, type(obj).__name__, _state(obj))
 
 
 def _state(token: CancelToken | PauseToken) -> bool:
@@ -209,9 +209,9 @@ def run_isolated(
     try:
         control_w.send_bytes(payload)  # first: the child reads the job, then token changes
         unwatch = [token.watch(forward) for token in tokens.values()]
+        forward()  # a change between pickling and watching
         cancelled_at: float | None = None
         while True:
-            forward()  # and here, in case a change came between pickling and watching
             if cancel.cancelled and cancelled_at is None:
                 cancelled_at = time.monotonic()
             if cancelled_at is not None and time.monotonic() - cancelled_at > GRACE_S:
@@ -311,15 +311,7 @@ def _child_main(control: Any, results: Any) -> None:
 
     try:
         if stream:
-            items = fn(progress, cancel)
-            while True:
-                try:
-                    item = next(items)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                cancel.check()
-                send_after_progress(("item", item))
+            result = drain(fn(progress, cancel), cancel, lambda i: send_after_progress(("item", i)))
         else:
             result = fn(progress, cancel)
         send_after_progress(("done", result))

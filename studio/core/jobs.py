@@ -8,7 +8,8 @@ token whose ``cancel()`` makes the operation raise :class:`Cancelled` at its nex
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from studio.core.errors import Cancelled
 
@@ -103,3 +104,15 @@ class PauseToken(_Watched):
         while not self._running.wait(self.POLL_SECONDS):
             check(cancel)
         check(cancel)
+
+
+def drain(items: Iterator[Any], cancel: CancelToken, on_item: Callable[[Any], None]) -> Any:
+    """Pass each item of a stream job's generator to ``on_item`` (checking ``cancel`` before
+    each) and return the generator's ``return`` value."""
+    while True:
+        try:
+            item = next(items)
+        except StopIteration as stop:
+            return stop.value
+        cancel.check()
+        on_item(item)

@@ -31,7 +31,7 @@ from PySide6.QtCore import QObject, QThreadPool, QTimer, Signal, Slot
 
 from studio.core import isolation
 from studio.core.errors import Cancelled, StudioError
-from studio.core.jobs import CancelToken, ProgressFn
+from studio.core.jobs import CancelToken, ProgressFn, drain
 
 log = logging.getLogger("studio.ui")
 
@@ -292,14 +292,7 @@ class JobRunner(QObject):
                 log.warning("job %s runs in the window's process: %s", job.name, exc)
         if on_item is None:
             return fn(progress, job.token)
-        items = fn(progress, job.token)
-        while True:
-            try:
-                item = next(items)
-            except StopIteration as stop:
-                return stop.value
-            job.token.check()
-            on_item(item)
+        return drain(fn(progress, job.token), job.token, on_item)
 
     # --- GUI thread ----------------------------------------------------------------------
 

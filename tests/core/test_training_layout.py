@@ -10,6 +10,7 @@ reproduction (``onednn_nhwc_repro.py``) runs where the fault lives: on AVX-512 C
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ print("trained", flush=True)
 
 def _conv_kernels(augment_mode: str) -> set[str]:
     code = _KERNELS.format(here=str(HERE), augment=augment_mode)
-    env = {**__import__("os").environ, "ONEDNN_VERBOSE": "1"}
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
