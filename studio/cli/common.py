@@ -100,12 +100,44 @@ def existing_path(spec: str | None):
     return Path(spec) if spec and Path(spec).exists() else None
 
 
+def channel_multiple_arg(args: argparse.Namespace) -> int:
+    """``--round-to`` (default: runtime) as a multiple of channels, for ``--runtime``."""
+    from studio.core.latency.alignment import parse_round_to
+
+    runtime = getattr(args, "runtime", None) or "onnxruntime"
+    return parse_round_to(args.round_to or "runtime", runtime)
+
+
+def scan_for_allocation(args: argparse.Namespace, model, data, mode: str):  # -> ScanReport
+    """The sensitivity scan that ``--allocate sensitivity`` needs: ``--scan FILE``, else the
+    default scan of the model on ``--data`` (resumed from, or read whole from, the cache)."""
+    from studio.core.plan.drops import load_scan
+
+    if args.scan:
+        return load_scan(args.scan)
+    if data is None:
+        raise StudioError(
+            "sensitivity allocation scans the model on data: give --data (or --scan FILE)"
+        )
+    from studio.core.scan.sensitivity import SensitivityScan
+    from studio.core.scan.types import ScanSettings
+
+    metric = "accuracy" if data.labelled else "fidelity"
+    settings = ScanSettings(mode, metric, ratios=ScanSettings.default_ratios(mode))
+    job = SensitivityScan(model, data, settings)
+    job.prepare(progress=TerminalProgress("preparing the scan"))
+    for _ in job.run(progress=TerminalProgress("scanning")):
+        pass
+    assert job.report is not None
+    return job.report
+
+
 def latency_target(args: argparse.Namespace, model, cost):  # -> (LatencyPredictor, fraction)
     """``--target-latency F`` or ``MSms``: a predictor and the fraction of its unpruned
     latency to allocate to."""
     from studio.core.latency.predict import LatencyPredictor
 
-    text = str(args.target_latency).strip().lower()
+    text = str(args.target_latency).strip().lower().removesuffix("x")
     try:
         value = float(text[:-2]) if text.endswith("ms") else float(text)
     except ValueError:

@@ -47,6 +47,7 @@ from studio.core.plan.search import (
     snap,
     solve,
 )
+from studio.core.plan.staircase import staircase
 from studio.core.scan.types import ScanReport
 
 __all__ = [
@@ -100,6 +101,7 @@ def allocate(
     if not free.any():
         raise StudioError("every target is locked or ignored: there is nothing to allocate")
     on = {"nm": NM_RATIO, "blocks": 1.0}.get(cost.method)
+    aligned = plan.round_to > 1 and cost.method == "structured"
     note = ""
     if strategy == "uniform":
         family, top = _uniform(cost, plan, base, free, on)
@@ -107,8 +109,11 @@ def allocate(
         family, top = _global(cost, plan, base, free, module, data)
     else:
         curves, note = _curves(cost, plan, report, module, data)
-        family, top = _sensitivity(cost, plan, base, free, curves, on)
-    if plan.round_to > 1 and cost.method == "structured":
+        if aligned:  # allocate on the stairs of allowed counts, not round afterwards
+            family, top = staircase(cost, base, free, curves, plan.round_to, plan.cap)
+        else:
+            family, top = _sensitivity(cost, plan, base, free, curves, on)
+    if aligned and strategy != "sensitivity":
         family = rounded(cost, family, free, plan.round_to)
     index = 0 if target_kind == "params" else 1
     before = cost.params_before if index == 0 else cost.macs_before
@@ -117,7 +122,7 @@ def allocate(
         return cost.predict_vector(r)[index] / max(1, before)
 
     measure = latency_fraction(cost, predictor) if target_kind == "latency" else fraction
-    ratios = solve(family, top, measure, target_fraction, target_kind, strategy)
+    ratios = solve(family, top, measure, target_fraction, target_kind, strategy, coarse=aligned)
     snapped = snap(cost, ratios)
     if strategy == "uniform" and cost.method == "structured" and plan.round_to == 1:
         snapped = ratios  # already 6-decimal steps
@@ -127,6 +132,14 @@ def allocate(
             snapped = clean
     chosen = {n: float(v) for n, v, f in zip(cost.names, snapped, free) if f}
     target = {"kind": target_kind, "fraction": target_fraction, "allocate": strategy}
+    if aligned:
+        target["round_to"] = plan.round_to
+        landed = measure(snapped)
+        if abs(landed - target_fraction) > TOLERANCE:
+            stair = (
+                f"channels ×{plan.round_to}: {target_kind} lands at {landed:.1%}, the nearest stair"
+            )
+            note = f"{note}; {stair}" if note else stair
     if note:
         target["note"] = note
     if target_kind == "latency" and predictor is not None:

@@ -128,6 +128,17 @@ class CostModel:
             self.macs_before - int(np.rint(zeroed @ a["macs_per_weight"])),
         )
 
+    def macs_matrix(self, rows: np.ndarray) -> np.ndarray:
+        """Structured: MACs after each row of ratios (rows x targets), as :meth:`predict_vector`
+        counts them, for many candidate plans at once."""
+        if self.method != "structured":
+            raise StudioError("MACs of many plans at once are known for structured plans only")
+        a = self._arrays
+        k = a["unit"] * np.clip(np.floor(a["n"] * rows + 1e-9), 0.0, a["n"] - 1)
+        fo = 1.0 - (k @ a["aout"].T) / a["dout"]
+        fi = 1.0 - (k @ a["ain"].T) / a["din"]
+        return a["m_const"] + (fo * fi) @ a["m_both"] + fo @ a["m_out"]
+
     def channels_vector(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Structured: output and input channels (or features) each of :attr:`rows` keeps
         after ratios ``r`` in target order, as :meth:`predict_vector` counts them."""

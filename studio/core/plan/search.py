@@ -73,8 +73,10 @@ def solve(
     target: float,
     kind: str,
     strategy: str,
+    coarse: bool = False,
 ) -> np.ndarray:
-    """The family member meeting ``target`` with the least pruning, within TOLERANCE."""
+    """The family member meeting ``target`` with the least pruning, within TOLERANCE (or, for
+    a ``coarse`` family whose steps are whole stairs of channels, the first that meets it)."""
     least, most = fraction(family(0.0)), fraction(family(top))
     if most > target + TOLERANCE:
         raise StudioError(
@@ -120,8 +122,8 @@ def solve(
         return mix(b)
     if over - target <= TOLERANCE:
         return mix(a)
-    if kind == "latency":  # latency is not monotone in channels (layouts): meet it, prune more
-        return mix(b)
+    if kind == "latency" or coarse:  # latency is not monotone in channels; stairs are coarse:
+        return mix(b)  # meet the target, prune a little more
     raise StudioError(
         f"no {strategy} allocation lands within {TOLERANCE:.0%} of {target:.1%} of the {kind}: "
         f"the nearest are {over:.1%} and {met:.1%} (one step of a large layer)"
