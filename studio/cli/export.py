@@ -165,6 +165,8 @@ def _print_export(name: str, result) -> None:  # result: ExportResult
             )
         else:
             print(f"  ONNX Runtime {result.ort_ms_exported:.3f} ms (batch 1, median)")
+    if result.speed_line:
+        print(f"  speed        {result.speed_line}")
     for extra in result.extra_files:
         print(f"  also wrote   {extra}")
     for note in result.notes:

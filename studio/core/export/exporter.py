@@ -117,7 +117,7 @@ def export_model(
             result.input_names, result.output_names = exporter.names
         if fmt == "onnx" and measure_latency:
             report(progress, 0.6, "measuring ONNX Runtime latency")
-            _measure(result, exporter, original, x, latency_budget_s)
+            _measure(result, exporter, model, original, x, latency_budget_s)
         check(cancel)
         share = zero_fraction(module)
         if share >= ZEROS_NOTE:
@@ -167,6 +167,7 @@ def unpruned_architecture(model: LoadedModel) -> LoadedModel | None:
 def _measure(
     result: ExportResult,
     exporter: Exporter,
+    model: LoadedModel,
     original: LoadedModel | None,
     x: np.ndarray,
     budget: float,
@@ -190,6 +191,21 @@ def _measure(
     ms = export_onnx.latencies_ms([reference, exporter.session], x1, budget)
     result.ort_ms_original, result.ort_ms_exported = ms
     result.original_name = original.name
+    result.speed_line = speed_line(original, model, ms[0], ms[1])
+
+
+def speed_line(original: LoadedModel, model: LoadedModel, before: float, after: float) -> str:
+    """The speed check's one line for the export's own measurement (batch 1, median)."""
+    from studio.core.latency.alignment import channel_multiple
+    from studio.core.latency.measure import default_threads
+    from studio.core.latency.speed_check import SpeedCheck, slow_reasons
+
+    multiple = channel_multiple("onnxruntime").multiple
+    check = SpeedCheck("onnxruntime", 1, default_threads(), before, after, multiple)
+    check.figure = "median"
+    if not check.faster:
+        check.off_path = slow_reasons(original.module, model.module, multiple)
+    return check.line()
 
 
 def _samples(model: LoadedModel, samples: torch.Tensor | None, dynamic: bool) -> np.ndarray:

@@ -35,6 +35,7 @@ class ExportResult:
     ort_ms_original: float | None = None  # ONNX Runtime, batch 1, median
     ort_ms_exported: float | None = None
     original_name: str | None = None
+    speed_line: str = ""  # the speed check's line: faster, or not and why
     extra_files: tuple[Path, ...] = ()
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -63,6 +64,7 @@ class ExportResult:
             "ort_ms_exported": self.ort_ms_exported,
             "speedup": self.speedup,
             "original": self.original_name,
+            "speed_line": self.speed_line,
             "extra_files": [str(p) for p in self.extra_files],
             "notes": list(self.notes),
             "seconds": self.seconds,

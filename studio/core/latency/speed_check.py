@@ -38,6 +38,7 @@ class SpeedCheck:
     multiple: int = 1
     off_path: list[tuple[str, int]] = field(default_factory=list)  # (layer, channels)
     macs_fraction: float | None = None
+    figure: str = "quiet"  # which figure of each: the fastest pass's median, or the median
 
     @property
     def speedup(self) -> float:
@@ -70,13 +71,14 @@ class SpeedCheck:
 
     def line(self) -> str:
         """One line: the speed-up, or that the variant is not faster, why, and the fix."""
-        times = f"{self.variant_ms:.3f} vs {self.original_ms:.3f} ms quiet, {self.settings()}"
+        times = (
+            f"{self.variant_ms:.3f} vs {self.original_ms:.3f} ms {self.figure}, {self.settings()}"
+        )
         if self.faster:
             return f"{self.speedup:.2f}x faster than the original ({times})"
         fix = "; re-plan with runtime channels" if self.off_path else ""
         return (
-            f"not faster: {self.speedup:.2f}x the original's speed ({times}): "
-            f"{self.reason()}{fix}"
+            f"not faster: {self.speedup:.2f}x the original's speed ({times}): {self.reason()}{fix}"
         )
 
     def to_dict(self) -> dict:
