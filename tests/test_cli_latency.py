@@ -10,6 +10,8 @@ import yaml
 
 from studio.cli import main
 from studio.core.latency import fit as latency_fit
+from studio.core.latency import measure as latency_measure
+from studio.core.latency.measure import measure_latency
 
 SMALL = ("--model", "zoo:resnet20", "--input-shape", "1,1,8,8")
 
@@ -56,9 +58,23 @@ def test_latency_predict_text(capsys):
     )  # fmt: skip
     assert code == 0
     assert "measured   median" in out and "estimated " in out and "per layer (measured" in out
+    assert "by the table alone" in out and "unpruned   median" not in out
 
 
-def test_latency_predict_recipe_json(capsys, tmp_path):
+def test_latency_predict_json_anchors_to_the_measured_model(capsys):
+    code, out, _ = run(
+        capsys, "latency", *SMALL, "--threads", "1", "--budget", "0.2", "--predict", "--json"
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    # without a recipe the measured model is the unpruned one: it is its own anchor
+    assert data["anchored"] and data["original_quiet_ms"] == data["quiet_ms"]
+    assert data["predicted_ms"] == pytest.approx(data["quiet_ms"], rel=1e-9)
+    assert data["prediction_error_quiet"] == pytest.approx(0.0, abs=1e-9)
+    assert data["table_ms"] * data["anchor"] == pytest.approx(data["predicted_ms"], rel=1e-9)
+
+
+def test_latency_predict_recipe_json(capsys, tmp_path, monkeypatch):
     recipe = tmp_path / "plan.yaml"
     code, _, _ = run(
         capsys, "prune", *SMALL, "--target-latency", "0.8", "--threads", "1",
@@ -71,6 +87,13 @@ def test_latency_predict_recipe_json(capsys, tmp_path):
     # zoo models load with fresh random weights: let the recipe apply to any of them
     data = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump(dict(data, model_fingerprint="")))
+    sizes = []  # parameters of each model measured
+
+    def spy(model, *args, **kwargs):
+        sizes.append(sum(p.numel() for p in model.module.parameters()))
+        return measure_latency(model, *args, **kwargs)
+
+    monkeypatch.setattr(latency_measure, "measure_latency", spy)
     code, out, _ = run(
         capsys, "latency", *SMALL, "--threads", "1", "--budget", "0.2", "--recipe", str(recipe),
         "--device", "sparse-accelerator", "--json",
@@ -79,6 +102,16 @@ def test_latency_predict_recipe_json(capsys, tmp_path):
     data = json.loads(out)
     assert data["predicted_ms"] > 0 and data["predicted_label"] == "estimated"
     assert "prediction_error" in data and data["estimated_ms"] > 0
+    # anchored to the unpruned model measured in this run (side by side with the pruned one)
+    assert data["anchored"] and data["original_quiet_ms"] > 0 and data["original_median_ms"] > 0
+    assert data["predicted_original_ms"] == pytest.approx(data["original_quiet_ms"], rel=1e-9)
+    assert data["table_ms"] * data["anchor"] == pytest.approx(data["predicted_ms"], rel=1e-9)
+    errors = {"prediction_error": "median_ms", "prediction_error_quiet": "quiet_ms"}
+    for key, measured in errors.items():
+        assert data[key] == pytest.approx(data["predicted_ms"] / data[measured] - 1.0)
+    assert data["table_error_quiet"] == pytest.approx(data["table_ms"] / data["quiet_ms"] - 1.0)
+    # the pruned model measured first, then the unpruned one for the anchor
+    assert len(sizes) == 2 and sizes[0] < sizes[1]
 
 
 def test_latency_errors_are_one_line(capsys, tmp_path):

@@ -1,5 +1,6 @@
 """``studio latency``: measured latency on this machine (ONNX Runtime or PyTorch), the per-layer
-breakdown, the prediction for a plan beside its measurement, and estimates for target devices.
+breakdown, the prediction for a plan beside its measurement (anchored, as the Latency tab
+anchors, to the unpruned model measured in the same run), and estimates for target devices.
 Also :func:`latency_target` for ``studio prune --target-latency``."""
 
 from __future__ import annotations
@@ -7,9 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from studio.cli.common import TerminalProgress, add_model_args, load_model_arg
 from studio.core.errors import StudioError
+
+if TYPE_CHECKING:
+    from studio.core.latency.types import LatencyMeasurement
+    from studio.core.models.loaded import LoadedModel
+    from studio.core.plan.plan import PruningPlan
 
 RUNTIMES = ("onnxruntime", "torch")  # studio.core.latency.types.RUNTIMES
 
@@ -54,6 +61,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
     if args.recipe:  # the plan's latency is measured on the pruned model: predict it beside
         args.predict = True
     device = "cuda" if args.cuda else "cpu"
+    predicting = args.predict or args.calibrate
+    if predicting and device == "cuda":
+        raise StudioError("predictions are for the CPU: leave out --cuda")
     profile = _device(args.device) if args.device else None
     plan = PruningPlan.load(args.recipe) if args.recipe else None
     model = load_model_arg(args)
@@ -72,6 +82,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
         max_seconds=args.budget,
         progress=TerminalProgress("measuring"),
     )
+    original = result
+    if predicting and plan is not None:
+        result, original = _with_original(args, model, measured_model, result)
     out.update(result.to_dict())
     layers = []
     if args.per_layer or args.json:
@@ -84,27 +97,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
             progress=TerminalProgress("profiling"),
         )
         out["layers"] = [layer.to_dict() for layer in layers]
-    if args.predict or args.calibrate:
-        from studio.core.latency.predict import LatencyPredictor
-
-        if device == "cuda":
-            raise StudioError("predictions are for the CPU: leave out --cuda")
-        predictor = LatencyPredictor.build(
-            model,
-            args.runtime,
-            args.batch,
-            result.threads,
-            progress=TerminalProgress("calibrating"),
-            recalibrate=args.calibrate,
-        )
-        predicted = predictor.predict(plan if plan is not None else {})
-        out["predicted_ms"] = predicted.total_ms
-        out["predicted_label"] = predicted.label
-        out["prediction_error"] = predicted.total_ms / result.median_ms - 1.0
-        out["prediction_error_quiet"] = predicted.total_ms / result.quiet_ms - 1.0
-        out["predicted_layers"] = [layer.to_dict() for layer in predicted.layers]
-        out["prediction_note"] = predicted.note
-        out["calibrated_points"] = predictor.calibrated_points
+    if predicting:
+        out.update(_predict(args, model, plan, result, original))
     if profile is not None:
         from studio.core.latency.devices_estimate import DeviceEstimator
 
@@ -129,6 +123,77 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_original(
+    args: argparse.Namespace,
+    model: LoadedModel,
+    pruned: LoadedModel,
+    result: LatencyMeasurement,
+) -> tuple[LatencyMeasurement, LatencyMeasurement]:
+    """The unpruned ``model`` measured now, and the quiet figures of both it and the pruned
+    model from interleaved passes (one after the other, a slow spell of this machine during
+    one of them would show as a difference between the two)."""
+    from studio.core.latency.fit import quiet_side_by_side
+    from studio.core.latency.measure import measure_latency
+
+    original = measure_latency(
+        model,
+        args.runtime,
+        args.batch,
+        result.threads,
+        "cpu",
+        max_seconds=args.budget,
+        progress=TerminalProgress("measuring the unpruned model"),
+    )
+    result, original = quiet_side_by_side(
+        [pruned, model], [result, original], args.budget, TerminalProgress("side by side")
+    )
+    return result, original
+
+
+def _predict(
+    args: argparse.Namespace,
+    model: LoadedModel,
+    plan: PruningPlan | None,
+    result: LatencyMeasurement,
+    original: LatencyMeasurement,
+) -> dict:
+    """The lookup table's estimate of ``plan`` (of the unpruned model without one), anchored
+    to ``original``, the unpruned model measured now, as the Latency tab anchors: the table and
+    fit (possibly calibrated under another load) keep the ratio between plans, the fresh
+    measurement sets the level. Errors are against ``result``, the measured plan."""
+    from studio.core.latency.predict import LatencyPredictor
+
+    predictor = LatencyPredictor.build(
+        model,
+        args.runtime,
+        args.batch,
+        result.threads,
+        progress=TerminalProgress("calibrating"),
+        recalibrate=args.calibrate,
+    )
+    target = plan if plan is not None else {}
+    table_ms = predictor.predict(target).total_ms
+    predictor.anchor_to(original.quiet_ms or original.median_ms)
+    predicted = predictor.predict(target)
+    quiet = result.quiet_ms or result.median_ms
+    return {
+        "predicted_ms": predicted.total_ms,
+        "predicted_label": predicted.label,
+        "prediction_error": predicted.total_ms / result.median_ms - 1.0,
+        "prediction_error_quiet": predicted.total_ms / quiet - 1.0,
+        "predicted_layers": [layer.to_dict() for layer in predicted.layers],
+        "prediction_note": predicted.note,
+        "calibrated_points": predictor.calibrated_points,
+        "anchored": True,
+        "anchor": predictor.anchor,
+        "original_median_ms": original.median_ms,
+        "original_quiet_ms": original.quiet_ms,
+        "predicted_original_ms": predictor.predict({}).total_ms,
+        "table_ms": table_ms,
+        "table_error_quiet": table_ms / quiet - 1.0,
+    }
+
+
 def _print(out: dict, top: int, per_layer: bool) -> None:
     what = f"{out['model']}" + (f" pruned by {out['recipe']}" if out["recipe"] else "")
     print(
@@ -142,11 +207,21 @@ def _print(out: dict, top: int, per_layer: bool) -> None:
         f"({out['runs']} runs){stable}"
     )
     print(f"             quiet  {out['quiet_ms']:.3f} ms (the fastest block of runs' median)")
+    if "predicted_ms" in out and out["recipe"]:
+        print(
+            f"  unpruned   median {out['original_median_ms']:.3f} ms  quiet "
+            f"{out['original_quiet_ms']:.3f} ms (measured now, side by side: the anchor)"
+        )
     if "predicted_ms" in out:
         print(
-            f"  estimated  {out['predicted_ms']:.3f} ms by the lookup table "
-            f"(error {out['prediction_error']:+.1%} vs the median, "
-            f"{out['prediction_error_quiet']:+.1%} vs quiet)"
+            f"  estimated  {out['predicted_ms']:.3f} ms by the lookup table, anchored "
+            f"(unpruned {out['predicted_original_ms']:.3f} ms): error "
+            f"{out['prediction_error']:+.1%} vs the median, "
+            f"{out['prediction_error_quiet']:+.1%} vs quiet"
+        )
+        print(
+            f"             {out['table_ms']:.3f} ms by the table alone "
+            f"({out['table_error_quiet']:+.1%} vs quiet), x{out['anchor']:.3f} to anchor"
         )
         if out["prediction_note"]:
             print(f"             {out['prediction_note']}")
