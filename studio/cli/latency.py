@@ -1,7 +1,7 @@
 """``studio latency``: measured latency on this machine (ONNX Runtime or PyTorch), the per-layer
 breakdown, the prediction for a plan beside its measurement (anchored, as the Latency tab
 anchors, to the unpruned model measured in the same run), and estimates for target devices.
-Also :func:`latency_target` for ``studio prune --target-latency``."""
+(``studio prune --target-latency`` builds its predictor in :func:`common.latency_target`.)"""
 
 from __future__ import annotations
 
