@@ -122,8 +122,7 @@ def scan_for_allocation(args: argparse.Namespace, model, data, mode: str):  # ->
     from studio.core.scan.sensitivity import SensitivityScan
     from studio.core.scan.types import ScanSettings
 
-    metric = "accuracy" if data.labelled else "fidelity"
-    settings = ScanSettings(mode, metric, ratios=ScanSettings.default_ratios(mode))
+    settings = ScanSettings.for_allocation(mode, data.labelled)
     job = SensitivityScan(model, data, settings)
     job.prepare(progress=TerminalProgress("preparing the scan"))
     for _ in job.run(progress=TerminalProgress("scanning")):

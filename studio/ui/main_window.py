@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -83,6 +84,7 @@ class MainWindow(QMainWindow):
         panels = (self.sensitivity, self.sparsity, self.planner, self.result, self.training)
         for panel in (*panels, self.latency):
             panel.error.connect(self._on_error)
+        self.planner.ask.connect(self._on_ask)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.table, "Layers")
@@ -260,6 +262,25 @@ class MainWindow(QMainWindow):
             # shown after the runner's slot returns, not from inside it; dropped if the
             # window is gone by then
             QTimer.singleShot(0, self, lambda: QMessageBox.critical(self, title, message))
+
+    def _on_ask(self, title: str, question: str, on_yes: Callable[[], object]) -> None:
+        """A panel's yes/no question (without a person at the window: yes)."""
+        if not self.interactive:
+            on_yes()
+            return
+
+        def ask() -> None:
+            answer = QMessageBox.question(
+                self,
+                title,
+                question,
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                QMessageBox.StandardButton.Yes,
+            )
+            if answer == QMessageBox.StandardButton.Yes:
+                on_yes()
+
+        QTimer.singleShot(0, self, ask)
 
     def _on_confirm_untrusted(self, request: ModelRequest, question: str) -> None:
         if not self.interactive:

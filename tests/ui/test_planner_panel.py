@@ -236,6 +236,7 @@ def test_latency_estimate_follows_the_plan_and_meets_a_latency_target(
     planner.kind.setCurrentText("latency (estimated)")
     planner.keep.setValue(60.0)
     planner.strategy.setCurrentText("uniform")
+    planner.round_to.setCurrentText("exact")  # the stand-in's scale, not the stairs
     with qtbot.waitSignal(planner.state.changed, timeout=60_000):
         assert planner.allocate() is not None  # builds the predictor, then allocates
     qtbot.waitUntil(lambda: not planner.running("allocate"), timeout=10_000)
@@ -251,3 +252,43 @@ def test_latency_estimate_follows_the_plan_and_meets_a_latency_target(
     planner.clear()
     planner.update_summary()
     assert "2.000 → 2.000 ms" in planner.summary.text()  # follows every change
+
+
+def test_sensitivity_without_a_scan_offers_it_then_reads_the_cache(
+    qtbot, planner: PlannerPanel
+) -> None:
+    data = demo_splits()[1].subset(40)  # data no other test scanned: nothing cached yet
+    planner.session.set_data(data)
+    assert planner.session.scan is None
+    planner.kind.setCurrentText("MACs")
+    planner.keep.setValue(50.0)
+    planner.strategy.setCurrentText("sensitivity")
+    assert planner.round_to.currentText().startswith("runtime ×")  # the default
+    asked: list = []
+    planner.ask.connect(lambda _title, question, on_yes: asked.append((question, on_yes)))
+    assert planner.allocate() is not None
+    qtbot.waitUntil(lambda: bool(asked), timeout=60_000)
+    assert "not cached" in asked[0][0] and not planner.state.plan.active()
+    asked[0][1]()  # Yes: the scan runs, then the allocation
+    qtbot.waitUntil(
+        lambda: bool(planner.state.plan.active()) and not planner.running("allocate"),
+        timeout=180_000,
+    )
+    report = planner.session.scan
+    assert report is not None and report.settings.mode == "structured"
+    cost = planner.state.cost
+    assert cost.fractions(planner.state.plan.ratios)[1] <= 0.52
+    out, _ = cost.channels_vector(cost.ratio_vector(planner.state.plan.ratios))
+    multiple = int(planner.round_to.currentData())
+    assert all(c % multiple == 0 for c, row in zip(out, cost.rows) if "conv" in row)
+    # a new session on the same model and data: the cached scan is read, nothing is asked
+    planner.session.set_data(data)
+    planner.clear()
+    asked.clear()
+    planner.allocate()
+    qtbot.waitUntil(
+        lambda: bool(planner.state.plan.active()) and not planner.running("allocate"),
+        timeout=60_000,
+    )
+    assert not asked and planner.session.scan is not None
+    assert planner.session.scan.cached_rows == len(planner.session.scan.rows)

@@ -87,6 +87,29 @@ def _torch_cpu() -> ChannelMultiple:
 
 @functools.lru_cache(maxsize=1)
 def _onnx_cpu() -> ChannelMultiple:
+    """Read from the machine's cache, else found out (about a second) and cached."""
+    import json
+
+    from studio.core.files import write_atomic
+    from studio.core.latency.cache import machine_key
+    from studio.core.paths import cache_dir
+
+    path = cache_dir() / "latency" / f"channels-{machine_key('onnxruntime', 1)}.json"
+    try:
+        known = json.loads(path.read_text())
+        return ChannelMultiple(int(known["multiple"]), "onnxruntime", "cpu", str(known["reason"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = _detect_onnx_cpu()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"multiple": found.multiple, "reason": found.reason}))
+    except OSError:
+        pass  # a read-only cache: found out again next time
+    return found
+
+
+def _detect_onnx_cpu() -> ChannelMultiple:
     guess = nchwc_block()
     try:
         block = optimized_block()

@@ -127,7 +127,7 @@ def allocate(
     if strategy == "uniform" and cost.method == "structured" and plan.round_to == 1:
         snapped = ratios  # already 6-decimal steps
     elif strategy == "uniform":  # one ratio everywhere, if 6 decimals of it remove the same
-        clean = np.where(free, np.ceil(ratios * 1e6 - 1e-6) / 1e6, ratios)
+        clean = np.where(free, np.maximum(0.0, np.ceil(ratios * 1e6 - 1e-6) / 1e6), ratios)
         if cost.predict_vector(clean) == cost.predict_vector(ratios):
             snapped = clean
     chosen = {n: float(v) for n, v, f in zip(cost.names, snapped, free) if f}

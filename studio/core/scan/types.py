@@ -60,6 +60,13 @@ class ScanSettings:
     def default_ratios(mode: str) -> tuple[float, ...]:
         return NM_RATIOS if mode == "nm" else DEFAULT_RATIOS
 
+    @staticmethod
+    def for_allocation(mode: str, labelled: bool) -> ScanSettings:
+        """The scan that sensitivity allocation runs when none is given: the Sensitivity tab's
+        and ``studio scan``'s defaults, so that all three share one cache."""
+        metric = "accuracy" if labelled else "fidelity"
+        return ScanSettings(mode, metric, ratios=ScanSettings.default_ratios(mode))
+
     def cache_fields(self) -> dict[str, object]:
         """The settings that change measured numbers (not metric or ratios: rows store all
         metrics, one row per ratio)."""

@@ -24,13 +24,16 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.jobs import CancelToken, ProgressFn
+from studio.core.latency.alignment import channel_multiple
 from studio.core.models.data import matching_training_split
 from studio.core.plan.allocate import CostModel, allocate
 from studio.core.plan.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
 from studio.core.prune.engine import prune
+from studio.core.scan.types import ScanReport
 from studio.ui import format as fmt
 from studio.ui.panels.planner_latency import PlannerLatency
 from studio.ui.panels.planner_recipes import PlannerRecipes
+from studio.ui.panels.planner_scan import PlannerScan
 from studio.ui.panels.planner_state import PlannerState
 from studio.ui.panels.planner_summary import summary_parts
 from studio.ui.panels.planner_table import PlannerTable
@@ -44,10 +47,11 @@ ROUNDING = {"exact": 1, "×4": 4, "×8": 8, "×16": 16}
 TARGET_KINDS = {"MACs": "macs", "parameters": "params", "latency (estimated)": "latency"}
 
 
-class PlannerPanel(PlannerRecipes, QWidget):
+class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
     """Edits a :class:`PruningPlan` for the session's model and applies it."""
 
     error = Signal(str, str)
+    ask = Signal(str, str, object)  # title, question, what to run on Yes
 
     def __init__(self, session: Session, runner: JobRunner, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -118,10 +122,13 @@ class PlannerPanel(PlannerRecipes, QWidget):
             "global: one importance threshold across layers\nuniform: the same ratio everywhere"
         )
         self.round_to = narrow_combo()
+        runtime = channel_multiple("onnxruntime")
+        self.round_to.addItem(f"runtime ×{runtime.multiple}", runtime.multiple)
         for label, value in ROUNDING.items():
             self.round_to.addItem(label, value)
         self.round_to.setToolTip(
-            "Keep channel counts that are multiples of this when allocating (structured).\n"
+            "Channel counts kept when allocating (structured). runtime: multiples of the block\n"
+            f"ONNX Runtime runs fast on this machine ({runtime.reason}).\n"
             "Vectorised kernels (ONNX Runtime's NCHWc, oneDNN, tensor cores) run other counts\n"
             "on slower paths: the demo at half the MACs is 1.7x faster with x8, 0.95x exact."
         )
@@ -251,14 +258,8 @@ class PlannerPanel(PlannerRecipes, QWidget):
         kind = TARGET_KINDS[self.kind.currentText()]
         fraction = float(self.keep.value()) / 100.0
         report = self.session.scan if self.state.scan_matches() else None
-        if strategy == "sensitivity" and report is None:
-            mode = self.state.plan.method
-            self._fail(
-                "Cannot allocate by sensitivity",
-                f"run a {mode} sensitivity scan first (Sensitivity tab), or choose global or "
-                "uniform",
-            )
-            return None
+        if strategy == "sensitivity" and report is None and self.state.plan.method != "blocks":
+            return self.find_scan()  # allocates once the scan is loaded or run
         if kind == "latency" and self.latency.predictor is None:
             if self.state.plan.method != "structured":
                 self._fail("Cannot allocate", "a latency target needs structured pruning")
@@ -341,6 +342,13 @@ class PlannerPanel(PlannerRecipes, QWidget):
                 f"Allocated by {target.get('allocate')}: keep {target.get('fraction', 0):.0%} "
                 f"of the {target.get('kind')}"
             )
+        elif key == "find_scan":
+            report, missing = result  # type: ignore[misc]
+            self._scan_found(report, missing)
+        elif key == "scan":
+            assert isinstance(result, ScanReport)
+            self.session.set_scan(result)
+            self.allocate()
         elif key == "apply":
             self.session.set_pruned(result)
             self._log_result(result)
@@ -361,9 +369,12 @@ class PlannerPanel(PlannerRecipes, QWidget):
     def _on_failed(self, job: Job, message: str) -> None:
         key = next((k for k, j in self.jobs.items() if j is job), None)
         if key is not None:
-            title = {"targets": "Cannot plan", "allocate": "Allocation failed"}.get(
-                key, "Pruning failed"
-            )
+            title = {
+                "targets": "Cannot plan",
+                "allocate": "Allocation failed",
+                "find_scan": "Cannot scan",
+                "scan": "Scan failed",
+            }.get(key, "Pruning failed")
             self._fail(title, message, job.traceback)
             self._update_buttons()
 
@@ -400,7 +411,8 @@ class PlannerPanel(PlannerRecipes, QWidget):
     def _update_buttons(self, *_args: object) -> None:
         has_targets = self.state.cost is not None
         busy = self.running("apply")
-        self.allocate_button.setEnabled(has_targets and not self.running("allocate"))
+        allocating = any(self.running(k) for k in ("allocate", "find_scan", "scan"))
+        self.allocate_button.setEnabled(has_targets and not allocating)
         self.apply_button.setEnabled(has_targets and not busy and bool(self.state.plan.active()))
         self.apply_button.setText("Pruning…" if busy else "Apply")
         self.revert_button.setEnabled(self.session.pruned is not None)
