@@ -40,6 +40,7 @@ from studio.ui.progress import JobProgressWidget
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
 from studio.ui.settings import RecentFiles, is_model_file, studio_settings
+from studio.ui.speed_watch import SpeedWatch
 from studio.ui.workflow import ARCH, ModelRequest, Workflow
 
 MODEL_FILTER = "Models (*.pt *.pth *.pt2 *.onnx *.ts);;All files (*)"
@@ -85,6 +86,12 @@ class MainWindow(QMainWindow):
         for panel in (*panels, self.latency):
             panel.error.connect(self._on_error)
         self.planner.ask.connect(self._on_ask)
+        self.speed_watch = SpeedWatch(self.session, self.runner, self)
+        speed_lines = {"pruned": self.result.speed, "fine-tuned": self.training.speed}
+        self.speed_watch.checking.connect(lambda kind: speed_lines[kind].show_pending(kind))
+        self.speed_watch.checked.connect(lambda kind, check: speed_lines[kind].show_check(check))
+        for line in speed_lines.values():
+            line.fix.connect(self._replan_runtime)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.table, "Layers")
@@ -262,6 +269,12 @@ class MainWindow(QMainWindow):
             # shown after the runner's slot returns, not from inside it; dropped if the
             # window is gone by then
             QTimer.singleShot(0, self, lambda: QMessageBox.critical(self, title, message))
+
+    def _replan_runtime(self) -> None:
+        """The speed line's fix: the Planner allocates its target again with runtime channels
+        and applies the result."""
+        self.show_tab("planner")
+        self.planner.replan_runtime()
 
     def _on_ask(self, title: str, question: str, on_yes: Callable[[], object]) -> None:
         """A panel's yes/no question (without a person at the window: yes)."""

@@ -25,6 +25,7 @@ from studio.core.files import write_atomic
 from studio.ui import format as fmt
 from studio.ui.session import Session
 from studio.ui.widgets import charts
+from studio.ui.widgets.speed_line import SpeedLine
 
 COLUMNS = ("Layer", "Weight before", "Weight after", "Params before", "Params after", "Kept")
 BEFORE_BRUSH, AFTER_BRUSH = pg.mkBrush("#b8c2cc"), pg.mkBrush("#1f6feb")
@@ -124,8 +125,10 @@ class ComparePanel(QWidget):
         splitter.addWidget(self.chart)
         splitter.setStretchFactor(0, 3)
         splitter.setStretchFactor(1, 2)
+        self.speed = SpeedLine()  # the pruned model against the original (SpeedWatch)
         layout = QVBoxLayout(self)
         layout.addLayout(top)
+        layout.addWidget(self.speed)
         layout.addWidget(splitter, 1)
         session.pruned_changed.connect(self.show_result)
         session.finetuned_changed.connect(lambda _r: self.show_result(session.pruned))

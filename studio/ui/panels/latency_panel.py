@@ -39,12 +39,16 @@ from studio.ui.panels.latency_jobs import measure_variants, profile_variant
 from studio.ui.panels.latency_settings import RUNTIMES, LatencySettings
 from studio.ui.panels.latency_variants import (
     COLUMNS,
+    DEVICE_COLUMNS,
+    HEADER_TIPS,
     Variant,
     device_cells,
     finetuned_variant,
     log_line,
+    pareto_points,
     pruned_variant,
     quality_of,
+    row_tips,
     table_row,
     variants_csv,
 )
@@ -131,12 +135,13 @@ class LatencyPanel(QWidget):
         self.status.setWordWrap(True)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
-        self.table.horizontalHeaderItem(COLUMNS.index("Quiet ms")).setToolTip(
-            "The median of the fastest block of 10 runs: the latency on an undisturbed machine, "
-            "which the estimate predicts (on a shared machine the median of all runs is higher)"
-        )
+        for column, name in enumerate(COLUMNS):
+            self.table.horizontalHeaderItem(column).setToolTip(HEADER_TIPS.get(name, ""))
         self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # numbers as wide as they are; the names take the rest (elided, whole in a tooltip)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.itemSelectionChanged.connect(self.redraw)
@@ -145,6 +150,8 @@ class LatencyPanel(QWidget):
         charts_row = QSplitter(Qt.Orientation.Horizontal)
         charts_row.addWidget(self.bars)
         charts_row.addWidget(self.pareto)
+        charts_row.setStretchFactor(0, 3)  # the bars need room for the layer names
+        charts_row.setStretchFactor(1, 2)
         self.charts = charts_row
         lower = QWidget()
         lower_layout = QVBoxLayout(lower)
@@ -154,7 +161,7 @@ class LatencyPanel(QWidget):
         body = QSplitter(Qt.Orientation.Vertical)
         body.addWidget(self.table)
         body.addWidget(lower)
-        body.setStretchFactor(1, 2)
+        body.setSizes([130, 330])  # a few rows of variants; the charts get the rest
         for combo in (self.runtime, self.device):
             combo.currentIndexChanged.connect(self.refresh)
         for spin in (self.batch, self.threads):
@@ -343,12 +350,17 @@ class LatencyPanel(QWidget):
         self.source.setText(f"source: {profile.source}" if profile is not None else "")
         self.source.setToolTip(profile.source if profile is not None else "")
         self.table.setRowCount(len(self.variants))
+        for name in DEVICE_COLUMNS:  # empty without a target device
+            self.table.setColumnHidden(COLUMNS.index(name), profile is None)
         base = self.variants[0].measured.get(key) if self.variants else None
         for i, v in enumerate(self.variants):
             first = v is self.variants[0]
-            values = table_row(v, key, None if first else base, self._device_cells(v))
+            device, device_tip = self._device_cells(v)
+            values = table_row(v, key, None if first else base, device)
+            tips = row_tips(v, key, None if first else base, device_tip)
             for column, text in enumerate(values):
                 item = QTableWidgetItem(text)
+                item.setToolTip(tips.get(column, ""))
                 if column:
                     item.setTextAlignment(
                         Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
@@ -359,11 +371,12 @@ class LatencyPanel(QWidget):
         self.redraw()
         self._update_controls()
 
-    def _device_cells(self, variant: Variant) -> tuple[str, str, str]:
+    def _device_cells(self, variant: Variant) -> tuple[tuple[str, str, str], str]:
+        """The target-device cells, and the reason (for a tooltip) where it cannot estimate."""
         try:
-            return device_cells(self.device_estimate(variant))
+            return device_cells(self.device_estimate(variant)), ""
         except StudioError as exc:
-            return (f"({exc})"[:60], "", "")
+            return ("failed", "", ""), str(exc)
 
     def redraw(self, *_args: object) -> None:
         key = self.settings_key()
@@ -379,17 +392,10 @@ class LatencyPanel(QWidget):
             self.bars.show_estimate(variant.name, estimate)
         else:
             self.bars.show_hint("Per-layer time: select a variant, then Per-layer profile")
-        by_latency = self.x_axis.currentIndex() == 0
-        points = [
-            (v.name, v.measured[key].median_ms if by_latency else v.macs, v.quality)
-            for v in self.variants
-            if v.quality is not None and (v.measured.get(key) is not None if by_latency else v.macs)
-        ]
-        cost_label = "latency (ms, measured)" if by_latency else "MACs"
-        self.pareto.set_points(
-            [p[0] for p in points], [p[1] for p in points], [p[2] for p in points], cost_label,
-            "quality (%)",
-        )  # fmt: skip
+        names, costs, qualities, cost_label = pareto_points(
+            self.variants, key, by_latency=self.x_axis.currentIndex() == 0
+        )
+        self.pareto.set_points(names, costs, qualities, cost_label, "quality (%)")
 
     def _log_line(self) -> str:
         return log_line(self.variants, self.settings_key())

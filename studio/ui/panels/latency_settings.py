@@ -1,11 +1,13 @@
 """The Latency tab's settings: runtime, device, batch, threads, the time budget per model,
-and the target device profile (with its source)."""
+and the target device profile (with its source, on one line: the whole of it in its tooltip)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+from PySide6.QtCore import QSize, Qt
+from PySide6.QtGui import QPainter, QPaintEvent
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -22,6 +24,27 @@ from studio.core.latency.measure import default_threads
 from studio.ui.session import WARNING, Session
 
 RUNTIMES = {"ONNX Runtime": "onnxruntime", "PyTorch (eager)": "torch"}
+
+
+class ElidedLabel(QLabel):
+    """One line of text cut at the label's width with "…" (a profile's source can run to
+    several sentences; wrapped, it pushed the table of variants down)."""
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        return QSize(0, super().minimumSizeHint().height())
+
+    def shown_text(self) -> str:
+        width = self.contentsRect().width()
+        return self.fontMetrics().elidedText(self.text(), Qt.TextElideMode.ElideRight, width)
+
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt's name
+        align = int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+        painter = QPainter(self)
+        self.style().drawItemText(
+            painter, self.contentsRect(), align, self.palette(), self.isEnabled(),
+            self.shown_text(), self.foregroundRole(),
+        )  # fmt: skip
+        painter.end()
 
 
 class LatencySettings(QWidget):
@@ -57,8 +80,7 @@ class LatencySettings(QWidget):
             self.session.log(f"Device profiles: {exc}", WARNING)
         for profile in self.profiles:
             self.target.addItem(profile.title, profile.name)
-        self.source = QLabel()
-        self.source.setWordWrap(True)
+        self.source = ElidedLabel()
         self.source.setStyleSheet("color: #666666")
         row = QHBoxLayout()
         for label, widget in (

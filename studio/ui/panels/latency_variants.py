@@ -13,21 +13,39 @@ from studio.core.plan.plan import PruningPlan
 from studio.ui import format as fmt
 from studio.ui.widgets import charts
 
-# the Latency tab's table
+# the Latency tab's table: short headers (so that it fits the tab at 1280x800), each with the
+# full meaning in its tooltip
 COLUMNS = (
     "Variant",
-    "Parameters",
+    "Params",
     "MACs",
     "Quality",
-    "Measured ms (p10–p90)",
+    "Measured ms",
     "Quiet ms",
     "Samples/s",
-    "Estimated ms",
-    "Error vs quiet",
-    "Device ms (est.)",
-    "Energy mJ (est.)",
-    "Memory-bound layers",
+    "Est. ms",
+    "Est. error",
+    "Device ms",
+    "Energy mJ",
+    "Memory-bound",
 )
+HEADER_TIPS = {
+    "Params": "Parameters",
+    "MACs": "Multiply-accumulates per sample",
+    "Quality": "Accuracy on the data (or agreement with the original without labels)",
+    "Measured ms": "Median latency measured on this machine, and the speed-up over the "
+    "original\n(hover a cell for the 10th–90th percentile range)",
+    "Quiet ms": "The median of the fastest block of 10 runs: the latency on an undisturbed "
+    "machine,\nwhich the estimate predicts (on a shared machine the median of all runs is "
+    "higher)",
+    "Samples/s": "Throughput at the median latency",
+    "Est. ms": "Latency estimated from the lookup table, without running the model",
+    "Est. error": "The estimate's error against the quiet measurement",
+    "Device ms": "Latency on the target device (estimated from its roofline)",
+    "Energy mJ": "Energy per inference on the target device (estimated)",
+    "Memory-bound": "Layers bound by memory traffic on the target device, of all layers",
+}
+DEVICE_COLUMNS = ("Device ms", "Energy mJ", "Memory-bound")  # shown with a target device
 
 
 @dataclass
@@ -93,7 +111,7 @@ def table_row(
     """The table's cells for ``v`` (one per :data:`COLUMNS`) with the settings ``key``; with
     ``base`` (the original's measurement) the measured cell gives the speed-up over it."""
     m, est = v.measured.get(key), v.estimated.get(key)
-    measured = f"{m.median_ms:.3f}  ({m.p10_ms:.3f}–{m.p90_ms:.3f})" if m is not None else ""
+    measured = f"{m.median_ms:.3f}" if m is not None else ""
     if m is not None and base is not None:
         measured += f"  {base.median_ms / m.median_ms:.2f}×"
     calm = (m.quiet_ms or m.median_ms) if m is not None else 0.0
@@ -110,6 +128,41 @@ def table_row(
         error,
         *device,
     )
+
+
+def row_tips(
+    v: Variant, key: tuple, base: LatencyMeasurement | None, device_error: str = ""
+) -> dict[int, str]:
+    """Tooltips of a row's cells by column: the whole name (the cell may elide it), the
+    spread of the measured runs, and why the target device could not be estimated."""
+    tips = {0: v.name}
+    m = v.measured.get(key)
+    if m is not None:
+        tips[COLUMNS.index("Measured ms")] = (
+            f"median {m.median_ms:.3f} ms, 10th–90th percentile "
+            f"{m.p10_ms:.3f}–{m.p90_ms:.3f} ms over {m.runs} runs"
+        )
+        if base is not None:
+            tips[COLUMNS.index("Measured ms")] += (
+                f"\n{base.median_ms / m.median_ms:.2f}× the speed of the original"
+            )
+    if device_error:
+        tips[COLUMNS.index(DEVICE_COLUMNS[0])] = device_error
+    return tips
+
+
+def pareto_points(
+    variants: list[Variant], key: tuple, by_latency: bool
+) -> tuple[list[str], list[float], list[float], str]:
+    """Names, costs, qualities and the cost's axis label of the variants that have both a
+    quality and the cost: measured latency in ms, or MACs in millions."""
+    points = [
+        (v.name, v.measured[key].median_ms if by_latency else v.macs / 1e6, v.quality)
+        for v in variants
+        if v.quality is not None and (v.measured.get(key) is not None if by_latency else v.macs)
+    ]
+    label = "latency (ms, measured)" if by_latency else "MACs (millions)"
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points], label
 
 
 def pruned_variant(result: Any, variants: list[Variant]) -> Variant:

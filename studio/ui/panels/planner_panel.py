@@ -62,6 +62,7 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         self.latency.ready.connect(self._on_latency_ready)
         self.latency.failed.connect(self._on_latency_failed)
         self.jobs: dict[str, Job] = {}
+        self._apply_when_allocated = False  # the speed line's fix: re-plan, then apply
         self._pending_plan = PruningPlan()
         self._pending_recipe: tuple[PruningPlan, str] | None = None
         self._recipe_path_when_ready: str | None = None
@@ -280,6 +281,15 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         self.allocate_button.setEnabled(False)
         return self.jobs["allocate"]
 
+    def replan_runtime(self) -> Job | None:
+        """Channels back to runtime, the same target allocated again, then applied."""
+        self.round_to.setCurrentIndex(0)  # runtime ×N
+        self._apply_when_allocated = True
+        job = self.allocate()
+        if job is None:
+            self._apply_when_allocated = False
+        return job
+
     def clear(self) -> None:
         self.state.set_all({}, "clear all ratios")
 
@@ -342,6 +352,9 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
                 f"Allocated by {target.get('allocate')}: keep {target.get('fraction', 0):.0%} "
                 f"of the {target.get('kind')}"
             )
+            if self._apply_when_allocated:
+                self._apply_when_allocated = False
+                QTimer.singleShot(0, self, self.apply)
         elif key == "find_scan":
             report, missing = result  # type: ignore[misc]
             self._scan_found(report, missing)

@@ -50,6 +50,7 @@ from studio.ui.panels.training_run import (
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import WARNING, Session
 from studio.ui.widgets import charts
+from studio.ui.widgets.speed_line import SpeedLine
 
 BAR_STEPS = 1000
 MODEL_FILTER = "PyTorch model (*.pt);;torch.export program (*.pt2)"
@@ -149,6 +150,8 @@ class TrainingPanel(QWidget):
         top.addWidget(self.saving.csv)
         rcol.addLayout(top)
         rcol.addWidget(self.status)
+        self.speed = SpeedLine()  # the fine-tuned model against the original (SpeedWatch)
+        rcol.addWidget(self.speed)
         rcol.addWidget(self.where)
         rcol.addWidget(self.charts, 1)
         splitter = QSplitter()
