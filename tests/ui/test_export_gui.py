@@ -86,3 +86,18 @@ def test_graphs_fall_back_to_the_browser(window, qtbot, monkeypatch) -> None:
     assert "web browser" in dialog.message.text()
     dialog.close()
     assert dialog.left.server is None
+
+
+def test_export_result_shows_the_speed_check_line() -> None:
+    from types import SimpleNamespace
+
+    from studio.ui.dialogs.export_dialog import result_html
+
+    line = "not faster: 0.90x the original's speed (1.1 vs 1.0 ms median, ONNX Runtime, batch 1)"
+    result = SimpleNamespace(
+        path=Path("m.onnx"), format="onnx", opset=17, params=10, params_model=10,
+        max_abs_diff=0.0, batch_sizes=(1, 2), bytes=100, ort_ms_exported=1.1,
+        ort_ms_original=1.0, speedup=0.9, speed_line=line, notes=[],
+    )  # fmt: skip
+    shown = result_html(result)
+    assert "Speed check" in shown and line in shown and "#c62828" in shown

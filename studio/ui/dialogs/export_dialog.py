@@ -83,6 +83,10 @@ def result_html(result: Any, quantized: Any = None) -> str:
                 f"{_ms(result.ort_ms_original)} original → {_ms(result.ort_ms_exported)}{speed}",
             )
         )
+    if getattr(result, "speed_line", ""):
+        colour = "#c62828" if result.speed_line.startswith("not faster") else "#2e7d32"
+        line = html.escape(result.speed_line, quote=False)
+        rows.append(("Speed check", f"<span style='color:{colour}'>{line}</span>"))
     text = "".join(f"<tr><th align='left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
     out = f"<h3>Exported</h3><table cellspacing='6'>{text}</table>"
     if quantized is not None:

@@ -50,7 +50,8 @@ class SpeedLine(QWidget):
             self.hide()
             return
         colour = FAST_COLOUR if check.faster else SLOW_COLOUR
-        self.label.setText(f'<span style="color:{colour}">{html.escape(check.line(), quote=False)}</span>')
+        text = html.escape(check.line(), quote=False)
+        self.label.setText(f'<span style="color:{colour}">{text}</span>')
         self.label.setToolTip(check.reason() or check.settings())
         self.fix_button.setVisible(not check.faster and bool(check.off_path))
         self.show()
