@@ -105,7 +105,7 @@ def test_per_layer_profile_of_the_selected_variant(qtbot, panel: LatencyPanel) -
     assert layers and layers[0].ms >= layers[-1].ms  # slowest first
     names = {n for n, _ in panel.variants[1].model.module.named_modules()}
     assert any(layer.name in names for layer in layers)
-    assert "Per-layer time of pruned 1" in panel.bars.plotItem.titleLabel.text
+    assert panel.bars.full_title == "Measured per-layer time of pruned 1"
 
 
 def test_fine_tuned_variant_is_added_and_a_new_model_clears(panel: LatencyPanel, demo) -> None:
@@ -133,6 +133,6 @@ def test_target_device_roofline_estimates(panel: LatencyPanel) -> None:
     assert "raspberrypi.com" in panel.source.text()
     panel.table.selectRow(1)
     panel.redraw()
-    assert "estimated" in panel.bars.plotItem.titleLabel.text
+    assert panel.bars.full_title.startswith("Estimated per-layer time of pruned 1 on rpi4")
     panel.target.setCurrentIndex(0)
     assert panel.table.item(0, COLUMNS.index("Device ms (est.)")).text() == ""

@@ -60,14 +60,14 @@ class LayerBars(pg.PlotWidget):
         shown = list(layers)[:TOP_LAYERS]
         labels = [f"{layer.name} ({layer.op})" for layer in shown]
         self._bars(labels, [layer.ms for layer in shown], [COMPUTE_BRUSH] * len(shown))
-        self._set_title(f"Per-layer time of {variant} (measured)")
+        self._set_title(f"Measured per-layer time of {variant}")
 
     def show_estimate(self, variant: str, estimate: DeviceEstimate) -> None:
         shown = sorted(estimate.layers, key=lambda layer: -layer.ms)[:TOP_LAYERS]
         brushes = [MEMORY_BRUSH if layer.bound == "memory" else COMPUTE_BRUSH for layer in shown]
         labels = [f"{layer.name} ({layer.bound})" for layer in shown]
         self._bars(labels, [layer.ms for layer in shown], brushes, key=True)
-        self._set_title(f"Per-layer time of {variant} on {estimate.device} (estimated)")
+        self._set_title(f"Estimated per-layer time of {variant} on {estimate.device}")
 
     def _bars(self, labels: list[str], ms: list[float], brushes: list, key: bool = False) -> None:
         self.clear()
@@ -84,8 +84,8 @@ class LayerBars(pg.PlotWidget):
         label = f"{self.unit} per inference"
         if key:  # what the colours mean, in the colours
             label += (
-                f"   <span style='color:{COMPUTE}'>■</span> compute-bound"
-                f"   <span style='color:{MEMORY}'>■</span> memory-bound"
+                f"&nbsp;&nbsp; <span style='color:{COMPUTE}'>■</span> compute-bound"
+                f"&nbsp;&nbsp; <span style='color:{MEMORY}'>■</span> memory-bound"
             )
         self.setLabel("bottom", label)
         left = self.getAxis("left")
