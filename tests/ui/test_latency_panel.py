@@ -81,14 +81,14 @@ def test_measures_estimates_and_plots_every_variant(qtbot, panel: LatencyPanel, 
     assert len(panel.predicted) == 2  # type: ignore[attr-defined]
     assert panel.anchors == [panel.variants[0].measured[key].quiet_ms]  # type: ignore[attr-defined]
     column = {name: i for i, name in enumerate(COLUMNS)}
-    assert panel.table.item(1, column["Estimated ms"]).text() == "0.500"
+    assert panel.table.item(1, column["Est. ms"]).text() == "0.500"
     quiet = panel.variants[1].measured[key].quiet_ms
     assert panel.table.item(1, column["Quiet ms"]).text() == f"{quiet:.3f}"
-    assert panel.table.item(1, column["Error vs quiet"]).text() == f"{0.5 / quiet - 1:+.1%}"
+    assert panel.table.item(1, column["Est. error"]).text() == f"{0.5 / quiet - 1:+.1%}"
     assert "×" in panel.table.item(1, 4).text()  # speed-up against the original
     assert len(panel.pareto.labels) == 2 and panel.pareto.front  # both have quality and latency
     panel.x_axis.setCurrentIndex(1)
-    assert panel.pareto.getAxis("bottom").labelText == "MACs"
+    assert panel.pareto.getAxis("bottom").labelText == "MACs (millions)"
     lines = panel.save_csv(tmp_path / "latency.csv").read_text().splitlines()
     assert lines[0].startswith("variant,params,macs,quality,measured_median_ms")
     assert len(lines) == 3 and lines[2].startswith("pruned 1,")
@@ -125,14 +125,14 @@ def test_target_device_roofline_estimates(panel: LatencyPanel) -> None:
     assert "rpi4-cortex-a72" in names and len(names) >= 5  # "none" and the bundled profiles
     panel.target.setCurrentIndex(names.index("rpi4-cortex-a72"))
     column = {name: i for i, name in enumerate(COLUMNS)}
-    device, energy = column["Device ms (est.)"], column["Energy mJ (est.)"]
+    device, energy = column["Device ms"], column["Energy mJ"]
     original, pruned = (float(panel.table.item(i, device).text()) for i in range(2))
     assert 0 < pruned < original  # half the channels: less to compute and to move
     assert float(panel.table.item(0, energy).text()) > 0
-    assert " of " in panel.table.item(0, column["Memory-bound layers"]).text()
+    assert " of " in panel.table.item(0, column["Memory-bound"]).text()
     assert "raspberrypi.com" in panel.source.text()
     panel.table.selectRow(1)
     panel.redraw()
     assert panel.bars.full_title.startswith("Estimated per-layer time of pruned 1 on rpi4")
     panel.target.setCurrentIndex(0)
-    assert panel.table.item(0, COLUMNS.index("Device ms (est.)")).text() == ""
+    assert panel.table.item(0, COLUMNS.index("Device ms")).text() == ""
