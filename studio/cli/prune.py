@@ -51,7 +51,11 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--runtime", choices=("onnxruntime", "torch"), help="for --target-latency")
     pr.add_argument("--batch", type=int, default=1, help="batch size for --target-latency")
     pr.add_argument("--threads", type=int, help="threads for --target-latency (default: all)")
-    pr.add_argument("--allocate", choices=STRATEGIES, help="for a target (default: uniform)")
+    pr.add_argument(
+        "--allocate",
+        choices=STRATEGIES,
+        help="for a target (default: sensitivity with --data or --scan, else uniform)",
+    )
     pr.add_argument(
         "--scan",
         metavar="FILE.json",
@@ -153,17 +157,14 @@ def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
 
     kind = "params" if args.target_params is not None else "macs"
     fraction = args.target_params if kind == "params" else args.target_macs
-    strategy = args.allocate or "uniform"
+    # by sensitivity when there is data to scan on (the scan is cached), else the same ratio
+    strategy = args.allocate or ("sensitivity" if data is not None or args.scan else "uniform")
     report = None
     if args.scan or (strategy == "sensitivity" and method != "blocks"):
         report = scan_for_allocation(args, model, data, method)
     cost = CostModel.build(model, method)
-    predictor = None
     if args.target_latency is not None:
-        from studio.cli.common import latency_target
-
-        kind = "latency"
-        predictor, fraction = latency_target(args, model, cost)
+        return _latency_plan(args, model, data, cost, base, strategy, report)
     return allocate(
         cost,
         base,
@@ -173,7 +174,36 @@ def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
         report=report,
         module=model.module,
         data=data,
-        predictor=predictor,
+    )
+
+
+def _latency_plan(args, model, data, cost, base, strategy: str, report):  # -> PruningPlan
+    """--target-latency: the predictor's plan first, then measured candidates until one lands
+    within 5 % of the target on this machine (studio.core.latency.target)."""
+    from studio.cli.common import latency_target
+    from studio.core.latency.target import reach_latency
+    from studio.core.plan.allocate import allocate
+
+    predictor, fraction = latency_target(args, model, cost)
+    try:
+        first = allocate(
+            cost, base, strategy, "latency", fraction, report, model.module, data, predictor
+        )
+    except StudioError:  # the predictor sees no plan that fast: measuring may still find one
+        first = None
+    return reach_latency(
+        model,
+        cost,
+        base,
+        strategy,
+        fraction,
+        predictor.runtime,
+        predictor.batch,
+        predictor.threads,
+        report,
+        data,
+        first,
+        progress=TerminalProgress("meeting the latency target"),
     )
 
 

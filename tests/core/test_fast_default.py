@@ -150,3 +150,16 @@ def test_check_speed_times_both_side_by_side() -> None:
     assert not result.faster and "not faster" in result.line()
     again = check_speed(big, copy.deepcopy(small), threads=1, seconds=0.3)
     assert again.faster and again.off_path == []
+
+
+def test_latency_target_is_met_as_measured(demo, cost) -> None:
+    from studio.core.latency.target import reach_latency
+
+    plan = reach_latency(demo, cost, PruningPlan(round_to=8), "uniform", 0.6, threads=1)
+    target = plan.target
+    assert target["kind"] == "latency" and target["candidates"] >= 1
+    assert abs(target["measured"] / 0.6 - 1.0) <= 0.10
+    kept = _kept(cost, plan.ratios)
+    assert all(k == m or k % 8 == 0 for k, m in zip(kept, cost.steps()) if m >= 8)
+    with pytest.raises(StudioError, match="fraction"):
+        reach_latency(demo, cost, PruningPlan(), "uniform", 1.5)

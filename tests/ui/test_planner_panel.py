@@ -239,12 +239,16 @@ def test_latency_estimate_follows_the_plan_and_meets_a_latency_target(
     planner.round_to.setCurrentText("exact")  # the stand-in's scale, not the stairs
     with qtbot.waitSignal(planner.state.changed, timeout=60_000):
         assert planner.allocate() is not None  # builds the predictor, then allocates
-    qtbot.waitUntil(lambda: not planner.running("allocate"), timeout=10_000)
+    qtbot.waitUntil(lambda: not planner.running("allocate"), timeout=120_000)
     assert built and built[0][:2] == ("onnxruntime", 1) and built[0][2] is planner.state.cost
     predictor = planner.latency.predictor
     assert predictor is not None and not planner.latency_button.isEnabled()
     plan = planner.state.plan
-    assert abs(predictor.predict(plan).total_ms / 2.0 - 0.6) <= 0.02
+    # the estimate's plan was the first candidate; the plan kept is the one measured nearest
+    target = planner.last_allocation.target
+    assert planner.last_allocation.ratios == plan.ratios
+    assert target["kind"] == "latency" and target["candidates"] >= 1
+    assert abs(target["measured"] / 0.6 - 1.0) <= 0.10
     planner.update_summary()
     assert (
         "<b>Latency</b> 2.000 →" in planner.summary.text() and "estimated" in planner.summary.text()

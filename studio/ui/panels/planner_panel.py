@@ -23,8 +23,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn
 from studio.core.latency.alignment import channel_multiple
+from studio.core.latency.target import reach_latency
 from studio.core.models.data import matching_training_split
 from studio.core.plan.allocate import CostModel, allocate
 from studio.core.plan.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
@@ -63,6 +65,7 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         self.latency.failed.connect(self._on_latency_failed)
         self.jobs: dict[str, Job] = {}
         self._apply_when_allocated = False  # the speed line's fix: re-plan, then apply
+        self.last_allocation: PruningPlan | None = None  # with its target (measured, notes)
         self._pending_plan = PruningPlan()
         self._pending_recipe: tuple[PruningPlan, str] | None = None
         self._recipe_path_when_ready: str | None = None
@@ -271,11 +274,24 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         module = model.replica().module  # importances may trace the module
         predictor = self.latency.predictor
 
+        replica = model.replica() if kind == "latency" else None
+
         def work(progress: ProgressFn, cancel: CancelToken) -> PruningPlan:
             progress(0.0, f"{strategy} allocation")
-            return allocate(
-                cost, plan, strategy, kind, fraction, report, module, data, predictor=predictor
-            )
+            if replica is None or predictor is None:
+                return allocate(
+                    cost, plan, strategy, kind, fraction, report, module, data, predictor=predictor
+                )
+            try:  # the estimate's plan first, then measured candidates (core.latency.target)
+                first = allocate(
+                    cost, plan, strategy, kind, fraction, report, module, data, predictor
+                )
+            except StudioError:
+                first = None
+            return reach_latency(
+                replica, cost, plan, strategy, fraction, predictor.runtime, predictor.batch,
+                predictor.threads, report, data, first, progress, cancel,
+            )  # fmt: skip
 
         self.jobs["allocate"] = self.runner.start("Allocating", work, isolate=False)
         self.allocate_button.setEnabled(False)
@@ -347,11 +363,20 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         elif key == "allocate":
             assert isinstance(result, PruningPlan)
             target = result.target
+            self.last_allocation = result
             self.state.set_all(result.ratios, f"allocate {target.get('allocate', '')}")
+            measured = (
+                f", measured at {target['measured']:.1%} of the original's latency "
+                f"({target.get('candidates')} candidates timed)"
+                if "measured" in target
+                else ""
+            )
             self.session.log(
                 f"Allocated by {target.get('allocate')}: keep {target.get('fraction', 0):.0%} "
-                f"of the {target.get('kind')}"
+                f"of the {target.get('kind')}{measured}"
             )
+            if target.get("note"):
+                self.session.log(str(target["note"]), WARNING)
             if self._apply_when_allocated:
                 self._apply_when_allocated = False
                 QTimer.singleShot(0, self, self.apply)
