@@ -204,6 +204,7 @@ def _latency_plan(args, model, data, cost, base, strategy: str, report):  # -> P
         data,
         first,
         progress=TerminalProgress("meeting the latency target"),
+        predictor=predictor,
     )
 
 

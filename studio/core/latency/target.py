@@ -24,6 +24,7 @@ from studio.core.models.data import DataSet
 from studio.core.models.loaded import LoadedModel
 from studio.core.plan.allocate import CostModel, allocate
 from studio.core.plan.plan import PruningPlan
+from studio.core.plan.search import LatencyCost
 from studio.core.prune.engine import prune
 from studio.core.scan.types import ScanReport
 
@@ -53,6 +54,7 @@ def reach_latency(
     first: PruningPlan | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    predictor: LatencyCost | None = None,
 ) -> PruningPlan:
     """The plan of ``strategy`` whose measured latency is nearest ``fraction`` of the
     original's (from below when two are as near), within :data:`GOAL` when the family allows."""
@@ -107,6 +109,11 @@ def reach_latency(
         batch=batch,
         candidates=len(tried),
     )
+    if threads is not None:
+        target["threads"] = threads
+    if predictor is not None:  # the estimate beside the measurement, for the recipe's reader
+        r = cost.ratio_vector(best.plan.ratios)
+        target["predicted_ms"] = round(predictor.predict_ms(r), 4)
     if abs(best.measured / fraction - 1.0) > 0.10:
         target["note"] = (
             f"the nearest plan measured {best.measured:.1%} of the original's latency "

@@ -290,7 +290,7 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
                 first = None
             return reach_latency(
                 replica, cost, plan, strategy, fraction, predictor.runtime, predictor.batch,
-                predictor.threads, report, data, first, progress, cancel,
+                predictor.threads, report, data, first, progress, cancel, predictor,
             )  # fmt: skip
 
         self.jobs["allocate"] = self.runner.start("Allocating", work, isolate=False)
