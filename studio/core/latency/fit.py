@@ -25,12 +25,13 @@ from typing import Protocol
 import numpy as np
 
 from studio.core.jobs import CancelToken, ProgressFn, check, report
+from studio.core.latency.alignment import channel_multiple
 from studio.core.latency.measure import _runner, default_threads, torch_threads
 from studio.core.latency.types import LatencyMeasurement
 from studio.core.models.loaded import LoadedModel
-from studio.core.plan.allocate import round_channels
 from studio.core.plan.costs import CostModel
 from studio.core.plan.plan import PruningPlan
+from studio.core.plan.search import round_channels
 from studio.core.prune.engine import prune
 
 
@@ -48,7 +49,8 @@ class Fittable(Protocol):
 
 FIT_RATIOS = (0.0, 0.2, 0.4, 0.6)  # uniform variants measured for the fit, plus random plans:
 FIT_RANDOM = 24  # half with ratios in [0, 0.7], half in [0.2, 0.9] (targets allocate there)
-FIT_ROUNDED = 6  # and random plans whose channel counts are multiples of 8 (--round-to 8)
+FIT_ROUNDED = 12  # and random plans whose channel counts are multiples of the runtime's block
+FIT_ROUNDED_UNIFORM = (0.5, 0.75)  # and uniform ones (the default plans are aligned)
 FIT_PASSES = 12  # interleaved passes over all variants; each variant's fastest pass is kept
 FIT_SECONDS = 20.0  # and more passes until this long: a pass must see more than one state
 BLOCK_S = 0.02  # a block of runs lasts about this long (at least MIN_BLOCK, at most MAX_BLOCK)
@@ -73,10 +75,12 @@ def fit_model(
     vectors += [
         rng.uniform(*((0.0, 0.7) if i % 2 == 0 else (0.2, 0.9)), n) for i in range(FIT_RANDOM)
     ]
+    multiple = channel_multiple(predictor.runtime).multiple  # the plans allocation makes
     vectors += [
-        round_channels(cost, rng.uniform(0.0, 0.3 + 0.6 * (i + 1) / FIT_ROUNDED, n), 8)
+        round_channels(cost, rng.uniform(0.0, 0.3 + 0.6 * (i + 1) / FIT_ROUNDED, n), multiple)
         for i in range(FIT_ROUNDED)
     ]
+    vectors += [round_channels(cost, np.full(n, r), multiple) for r in FIT_ROUNDED_UNIFORM]
     variants = []
     for i, r in enumerate(vectors):
         check(cancel)

@@ -10,8 +10,9 @@ layouts add between them, the reorders into and out of NCHWc and the additions a
 that no longer fuse into a convolution, is simulated on the unpruned model's graph for the
 plan's channel counts (:mod:`studio.core.latency.layout`, checked against the graphs ONNX Runtime
 builds) and timed as nodes. A per-model fit (:mod:`studio.core.latency.fit`) times the unpruned
-model and 33 pruned variants in interleaved passes (20 s at least), keeps each one's fastest
-pass (its latency on the undisturbed machine: this shared box switches between speed states
+model and 47 pruned variants (14 aligned to the runtime's block) in interleaved passes (20 s
+at least), keeps each one's fastest pass (its latency on the undisturbed machine: this shared
+box switches between speed states
 every 0.5-2 s, and the median of all runs depends on how many fell into each), and fits one
 scale per layer regime (plain, NCHWc, depthwise, linear: the micro-benchmarks of a lone layer
 miss what a chain of them shares in cache), one for the extra nodes and a constant. Table and
@@ -55,7 +56,8 @@ from studio.core.models.loaded import LoadedModel
 from studio.core.plan.costs import CostModel
 from studio.core.plan.plan import PruningPlan
 
-FIT_VERSION = 10  # the fit cached: 8 a scale per layer regime, 9 wider variants, 10 rounded
+FIT_VERSION = 11  # the fit cached: 8 a scale per layer regime, 9 wider variants, 10 rounded,
+# 11 rounded to the runtime's block, 14 aligned variants
 FLOOR = 0.2  # a prediction is at least this fraction of the scaled table times
 PASSES = 3  # each micro-benchmark is the fastest of this many passes spread over the build
 PASS_RUNS = 12  # runs per micro-benchmark and pass

@@ -6,9 +6,11 @@ after allocating moves each target up or down a whole stair whatever that costs:
 16 channels that lost 25 points of accuracy against 8. Here the stairs are allocated directly:
 starting from the unpruned model, each move takes the stair (or a few stairs at once, so that a
 curve that rises late is not hidden behind a costly first stair) of the target whose predicted
-drop grows least per MAC removed, until every target is at its cap. The moves are a family of
-plans (parameter: the number of moves) that :func:`studio.core.plan.search.solve` bisects or
-scans for a parameter, MAC or latency target like any other.
+drop grows least per MAC removed, until every target is at its cap. Every stair passed is a
+member of a family of plans (a move of several stairs of a large group would otherwise jump
+over a target: resnet56 landed at 42 % of the MACs for 50 %) that
+:func:`studio.core.plan.search.solve` bisects or scans for a parameter, MAC or latency target
+like any other.
 
 Targets that cannot follow the multiple (fewer channels than ``m``, or removed a head at a time)
 move a single channel (or head) per stair.
@@ -98,10 +100,11 @@ def staircase(
         # least drop per MAC; among equals (zero-drop stairs) the one that removes most
         best = min(np.flatnonzero(useful), key=lambda k: (score[k], -saved[k]))
         i, j = moves[best]
+        for step in range(position[i] + 1, j + 1):  # every stair of the move is a member
+            r[i] = ladders[i][step]
+            states.append(r.copy())
         position[i] = j
-        r[i] = ladders[i][j]
         macs -= float(saved[best])
-        states.append(r.copy())
     table = np.array(states)
     top = float(len(states) - 1)
 
