@@ -163,8 +163,9 @@ def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
     if args.scan or (strategy == "sensitivity" and method != "blocks"):
         report = scan_for_allocation(args, model, data, method)
     cost = CostModel.build(model, method)
+    weights = _layer_weights(args, model, cost, base, strategy)
     if args.target_latency is not None:
-        return _latency_plan(args, model, data, cost, base, strategy, report)
+        return _latency_plan(args, model, data, cost, base, strategy, report, weights)
     return allocate(
         cost,
         base,
@@ -174,10 +175,28 @@ def _plan(args: argparse.Namespace, model, data):  # -> PruningPlan
         report=report,
         module=model.module,
         data=data,
+        layer_weights=weights,
     )
 
 
-def _latency_plan(args, model, data, cost, base, strategy: str, report):  # -> PruningPlan
+def _layer_weights(args, model, cost, base, strategy: str):  # -> np.ndarray | None
+    """Sensitivity on runtime channels allocates by drop per millisecond saved: each layer's
+    ms per MAC from the unpruned model's profile in --runtime (studio.core.latency.weights)."""
+    if strategy != "sensitivity" or base.method != "structured" or base.round_to <= 1:
+        return None
+    from studio.core.latency.weights import layer_weights
+
+    return layer_weights(
+        model,
+        cost,
+        args.runtime or "onnxruntime",
+        args.batch,
+        args.threads,
+        progress=TerminalProgress("profiling the layers"),
+    )
+
+
+def _latency_plan(args, model, data, cost, base, strategy: str, report, weights):
     """--target-latency: the predictor's plan first, then measured candidates until one lands
     within 5 % of the target on this machine (studio.core.latency.target)."""
     from studio.cli.common import latency_target
@@ -187,8 +206,9 @@ def _latency_plan(args, model, data, cost, base, strategy: str, report):  # -> P
     predictor, fraction = latency_target(args, model, cost)
     try:
         first = allocate(
-            cost, base, strategy, "latency", fraction, report, model.module, data, predictor
-        )
+            cost, base, strategy, "latency", fraction, report, model.module, data, predictor,
+            weights,
+        )  # fmt: skip
     except StudioError:  # the predictor sees no plan that fast: measuring may still find one
         first = None
     return reach_latency(
@@ -205,6 +225,7 @@ def _latency_plan(args, model, data, cost, base, strategy: str, report):  # -> P
         first,
         progress=TerminalProgress("meeting the latency target"),
         predictor=predictor,
+        layer_weights=weights,
     )
 
 

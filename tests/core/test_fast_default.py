@@ -163,3 +163,21 @@ def test_latency_target_is_met_as_measured(demo, cost) -> None:
     assert all(k == m or k % 8 == 0 for k, m in zip(kept, cost.steps()) if m >= 8)
     with pytest.raises(StudioError, match="fraction"):
         reach_latency(demo, cost, PruningPlan(), "uniform", 1.5)
+
+
+def test_layer_weights_are_measured_ms_per_mac(demo, cost, report) -> None:
+    from studio.core.latency.weights import layer_weights
+
+    weights = layer_weights(demo, cost, threads=1)
+    macs = cost.layer_macs()
+    assert weights.shape == (len(cost.rows),) and np.all(weights > 0)
+    convs = [i for i, name in enumerate(cost.rows) if "conv" in name or "shortcut.0" in name]
+    mean = np.sum(weights[convs] * macs[convs]) / np.sum(macs[convs])
+    assert mean == pytest.approx(1.0, rel=0.35)  # normalised over the layers the profile names
+    assert len(set(np.round(weights[convs], 3))) > 1  # layers differ in time per MAC
+    # weighted, the staircase still lands on the MAC target with aligned counts
+    plan = allocate(cost, PruningPlan(round_to=8), "sensitivity", "macs", 0.5, report,
+                    layer_weights=weights)  # fmt: skip
+    assert cost.fractions(plan.ratios)[1] <= 0.52
+    kept = _kept(cost, plan.ratios)
+    assert all(k == m or k % 8 == 0 for k, m in zip(kept, cost.steps()) if m >= 8)

@@ -55,6 +55,7 @@ def reach_latency(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
     predictor: LatencyCost | None = None,
+    layer_weights: np.ndarray | None = None,
 ) -> PruningPlan:
     """The plan of ``strategy`` whose measured latency is nearest ``fraction`` of the
     original's (from below when two are as near), within :data:`GOAL` when the family allows."""
@@ -65,7 +66,9 @@ def reach_latency(
     def measure(macs: float, candidate: PruningPlan | None = None) -> Candidate:
         check(cancel)
         if candidate is None:
-            candidate = allocate(cost, plan, strategy, "macs", macs, report_, model.module, data)
+            candidate = allocate(
+                cost, plan, strategy, "macs", macs, report_, model.module, data, None, layer_weights
+            )
         structure = replace(candidate, recalibrate_bn=False)
         pruned = prune(model, structure).model
         passes = measure_passes([model, pruned], runtime, batch, threads, 4, None, cancel, SECONDS)

@@ -80,10 +80,13 @@ def allocate(
     module: nn.Module | None = None,
     data: DataSet | None = None,
     predictor: LatencyCost | None = None,
+    layer_weights: np.ndarray | None = None,
 ) -> PruningPlan:
     """A copy of ``plan`` whose free ratios bring ``target_kind`` ('params', 'macs', or
     'latency' as ``predictor`` predicts it) to ``target_fraction`` of the original (0.5 =
-    keep half), chosen by ``strategy``."""
+    keep half), chosen by ``strategy``. ``layer_weights`` (ms per MAC of each layer of
+    ``cost.rows``, measured: :func:`studio.core.latency.weights.layer_weights`) make sensitivity
+    allocation on runtime channels take the least drop per millisecond saved, not per MAC."""
     if strategy not in STRATEGIES:
         raise StudioError(f"unknown allocation {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if target_kind not in TARGET_KINDS:
@@ -110,7 +113,9 @@ def allocate(
     else:
         curves, note = _curves(cost, plan, report, module, data)
         if aligned:  # allocate on the stairs of allowed counts, not round afterwards
-            family, top = staircase(cost, base, free, curves, plan.round_to, plan.cap)
+            family, top = staircase(
+                cost, base, free, curves, plan.round_to, plan.cap, layer_weights
+            )
         else:
             family, top = _sensitivity(cost, plan, base, free, curves, on)
     if aligned and strategy != "sensitivity":

@@ -128,16 +128,22 @@ class CostModel:
             self.macs_before - int(np.rint(zeroed @ a["macs_per_weight"])),
         )
 
-    def macs_matrix(self, rows: np.ndarray) -> np.ndarray:
+    def macs_matrix(self, rows: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """Structured: MACs after each row of ratios (rows x targets), as :meth:`predict_vector`
-        counts them, for many candidate plans at once."""
+        counts them, for many candidate plans at once; with ``weights`` (one per layer of
+        :attr:`rows`, e.g. its measured ms per MAC) each layer's MACs count that much."""
         if self.method != "structured":
             raise StudioError("MACs of many plans at once are known for structured plans only")
         a = self._arrays
+        w = np.ones(len(self.rows)) if weights is None else weights
         k = a["unit"] * np.clip(np.floor(a["n"] * rows + 1e-9), 0.0, a["n"] - 1)
         fo = 1.0 - (k @ a["aout"].T) / a["dout"]
         fi = 1.0 - (k @ a["ain"].T) / a["din"]
-        return a["m_const"] + (fo * fi) @ a["m_both"] + fo @ a["m_out"]
+        return a["m_const"] + (fo * fi) @ (w * a["m_both"]) + fo @ (w * a["m_out"])
+
+    def layer_macs(self) -> np.ndarray:
+        """Structured: the unpruned MACs of each layer of :attr:`rows`."""
+        return self._arrays["m_both"] + self._arrays["m_out"]
 
     def channels_vector(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Structured: output and input channels (or features) each of :attr:`rows` keeps

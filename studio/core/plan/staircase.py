@@ -62,8 +62,11 @@ def staircase(
     curves: DropCurves,
     multiple: int,
     cap: float,
+    weights: np.ndarray | None = None,
 ) -> tuple[Family, float]:
-    """The greedy sequence of stair moves as a family (parameter: moves made) and its top."""
+    """The greedy sequence of stair moves as a family (parameter: moves made) and its top.
+    ``weights`` (per layer of ``cost.rows``: its measured time per MAC) make a move's saving
+    the time it removes rather than its MACs: drop per millisecond saved."""
     n, unit = cost.steps().astype(int), cost.unit_sizes().astype(int)
     row_of = {name: i for i, name in enumerate(curves.names)}
     ladders: list[np.ndarray] = []  # ratios of each stair, unpruned first
@@ -79,7 +82,7 @@ def staircase(
     r = np.array([ladder[0] for ladder in ladders])
     position = np.zeros(len(ladders), int)
     states = [r.copy()]
-    macs = float(cost.macs_matrix(r[None, :])[0])
+    macs = float(cost.macs_matrix(r[None, :], weights)[0])
     while True:
         moves = [
             (i, j)
@@ -91,9 +94,9 @@ def staircase(
         trial = np.repeat(r[None, :], len(moves), axis=0)
         for k, (i, j) in enumerate(moves):
             trial[k, i] = ladders[i][j]
-        saved = macs - cost.macs_matrix(trial)
+        saved = macs - cost.macs_matrix(trial, weights)
         grown = np.array([drops[i][j] - drops[i][position[i]] for i, j in moves])
-        useful = saved > 0.5
+        useful = saved > 1e-9 * max(macs, 1.0)
         if not useful.any():
             break
         score = np.where(useful, grown / np.maximum(saved, 1.0), np.inf)

@@ -27,6 +27,7 @@ from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn
 from studio.core.latency.alignment import channel_multiple
 from studio.core.latency.target import reach_latency
+from studio.core.latency.weights import layer_weights
 from studio.core.models.data import matching_training_split
 from studio.core.plan.allocate import CostModel, allocate
 from studio.core.plan.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
@@ -274,23 +275,30 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         module = model.replica().module  # importances may trace the module
         predictor = self.latency.predictor
 
-        replica = model.replica() if kind == "latency" else None
+        timed = strategy == "sensitivity" and plan.method == "structured" and plan.round_to > 1
+        replica = model.replica() if kind == "latency" or timed else None
+        runtime, batch, threads = (
+            (predictor.runtime, predictor.batch, predictor.threads)
+            if predictor is not None
+            else ("onnxruntime", 1, None)
+        )
 
         def work(progress: ProgressFn, cancel: CancelToken) -> PruningPlan:
-            progress(0.0, f"{strategy} allocation")
-            if replica is None or predictor is None:
-                return allocate(
-                    cost, plan, strategy, kind, fraction, report, module, data, predictor=predictor
-                )
+            weights = None
+            if timed and replica is not None:  # drop per millisecond saved (core.latency.weights)
+                progress(0.0, "profiling the layers")
+                weights = layer_weights(replica, cost, runtime, batch, threads, cancel=cancel)
+            progress(0.1, f"{strategy} allocation")
+            args = (cost, plan, strategy, kind, fraction, report, module, data, predictor, weights)
+            if kind != "latency" or replica is None or predictor is None:
+                return allocate(*args)
             try:  # the estimate's plan first, then measured candidates (core.latency.target)
-                first = allocate(
-                    cost, plan, strategy, kind, fraction, report, module, data, predictor
-                )
+                first = allocate(*args)
             except StudioError:
                 first = None
             return reach_latency(
-                replica, cost, plan, strategy, fraction, predictor.runtime, predictor.batch,
-                predictor.threads, report, data, first, progress, cancel, predictor,
+                replica, cost, plan, strategy, fraction, runtime, batch, threads, report, data,
+                first, progress, cancel, predictor, weights,
             )  # fmt: skip
 
         self.jobs["allocate"] = self.runner.start("Allocating", work, isolate=False)
