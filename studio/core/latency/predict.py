@@ -19,13 +19,12 @@ miss what a chain of them shares in cache), one for the extra nodes and a consta
 fit are cached on disk per machine, runtime and thread count, so a second build only traces the
 model.
 
-benchmarks/latency_prediction.py on the shared 2-core development box (1 thread, 30 random
-structured plans, 16 or more interleaved passes), share within +-10 % of the quiet latency (the
-fastest pass's median) in three runs: demo batch 1 100 / 100 / 97 %, batch 32 93 / 97 / 80 %
-(the last with a 40-minute-old calibration; 100 % in all three once anchored to the unpruned
-model measured in the same run, as the Latency tab anchors), mobilenetv2 batch 1 and 32 100 %
-in all three; worst +12.6 %. Against the median of all runs 0-100 %, as the machine's load
-went (that median repeated within +-10 % between two halves of a run for 40-100 % of plans).
+benchmarks/latency_prediction.py on the shared 2-core development box (AVX2, 1 thread, 30
+random structured plans and 30 aligned to the NCHWc block), share within +-10 % of the quiet
+latency (the fastest pass's median), random / aligned: demo batch 1 100 / 100 %, batch 32
+93 / 100 % (100 / 100 % anchored to the unpruned model measured in the same run, as the
+Latency tab and ``studio latency --predict`` anchor), mobilenetv2 batch 1 and 32 100 / 100 %;
+worst +11.9 %. Against the median of all runs 0-30 %, as the machine's load went.
 predict(): 0.24-0.50 ms.
 """
 
