@@ -287,6 +287,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plan.save(args.recipe_out, protected + (Path(args.out),))
     summary = dict(result.to_dict(), out=args.out, recipe_out=args.recipe_out)
     summary["targets"] = len(plan.active())
+    summary["target"] = dict(plan.target)  # what was asked, and for latency what was measured
     speed = None
     if not args.no_speed_check and plan.method in ("structured", "blocks"):
         from studio.core.latency.speed_check import check_speed
