@@ -272,3 +272,31 @@ def test_scan_rejects_a_bad_ray_address_and_worker_count(capsys) -> None:
     assert code == 1 and "'head' is not a Ray address" in err
     code, _, err = run(capsys, "scan", "--model", "demo", "--data", "demo", "--workers", "0")
     assert code == 1 and "workers must be at least 1" in err
+
+
+def test_dynamic_onnx_input_shape_comes_from_the_data(capsys, tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+    path = tmp_path / "dynamic.onnx"
+    torch.onnx.export(
+        net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n"}}, dynamo=False,
+    )  # fmt: skip
+    data = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.standard_normal((12, 3, 20, 24)).astype(np.float32),
+             y=rng.integers(0, 4, 12))  # fmt: skip
+    before = path.read_bytes()
+    code, out, err = run(capsys, "eval", "--model", str(path), "--data", str(data), "--json")
+    assert code == 0, err
+    assert json.loads(out)["samples"] == 12
+    assert "input shape 1,3,20,24 from --data" in err
+    code, _, err = run(capsys, "info", "--model", str(path))  # no data: the shape is asked for
+    assert code != 0 and "--input-shape" in err
+    code, _, err = run(capsys, "eval", "--model", str(path), "--data", str(data),
+                       "--input-shape", "1,3,20,24", "--json")  # fmt: skip
+    assert code == 0 and "from --data" not in err
+    assert path.read_bytes() == before

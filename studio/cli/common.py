@@ -72,26 +72,48 @@ def load_model_arg(args: argparse.Namespace, spec: str | None = None):
 
     progress = TerminalProgress("loading")
     progress(0.0, spec or args.model)
-    model = load_model(
-        spec or args.model,
-        arch=args.arch,
-        input_shape=parse_shape(args.input_shape),
-        trust_pickle=args.trust_pickle,
-    )
+    given = parse_shape(args.input_shape)
+    try:
+        model = load_model(
+            spec or args.model, arch=args.arch, input_shape=given, trust_pickle=args.trust_pickle
+        )
+    except StudioError as exc:  # a model with dynamic inputs: the data says what they are
+        shape = None if given or spec else _shape_from_data(args, str(exc))
+        if shape is None:
+            raise
+        model = load_model(
+            args.model, arch=args.arch, input_shape=shape, trust_pickle=args.trust_pickle
+        )
+        model.notes.append(f"input shape {','.join(map(str, shape))} from --data")
     progress(1.0, "")
     for note in model.notes:
         print(f"note: {note}", file=sys.stderr)
     return model
 
 
+def _shape_from_data(args: argparse.Namespace, message: str) -> tuple[int, ...] | None:
+    """One sample of ``--data`` as the model's input shape (batch 1), when loading failed
+    for want of a shape and there is data to read it from."""
+    if not getattr(args, "data", None) or "--input-shape" not in message:
+        return None
+    data = load_data_arg(args)
+    return (1, *tuple(int(d) for d in data.x.shape[1:]))
+
+
 def load_data_arg(args: argparse.Namespace):
+    """``--data`` (read once per command: the model's input shape may have come from it)."""
     from studio.core.models.data import load_data
     from studio.core.models.loaded import parse_shape
 
+    cached = getattr(args, "_loaded_data", None)
+    if cached is not None:
+        return cached
     size = parse_shape(args.image_size) if args.image_size else None
     if size is not None and len(size) != 2:
         raise StudioError(f"--image-size takes HxW, got {args.image_size}")
-    return load_data(args.data, image_size=size, unlabeled=args.unlabeled)  # type: ignore[arg-type]
+    data = load_data(args.data, image_size=size, unlabeled=args.unlabeled)  # type: ignore[arg-type]
+    args._loaded_data = data
+    return data
 
 
 def existing_path(spec: str | None):
