@@ -235,8 +235,7 @@ def test_latency_estimate_follows_the_plan_and_meets_a_latency_target(
     monkeypatch.setenv("STUDIO_IN_PROCESS", "1")  # the stand-in is seen in this process only
     planner.kind.setCurrentText("latency (estimated)")
     planner.keep.setValue(60.0)
-    planner.strategy.setCurrentText("uniform")
-    planner.round_to.setCurrentText("exact")  # the stand-in's scale, not the stairs
+    planner.strategy.setCurrentText("uniform")  # on runtime channels, the default
     with qtbot.waitSignal(planner.state.changed, timeout=60_000):
         assert planner.allocate() is not None  # builds the predictor, then allocates
     qtbot.waitUntil(lambda: not planner.running("allocate"), timeout=120_000)
