@@ -46,15 +46,6 @@ def ratio_of(n: int, kept: np.ndarray) -> np.ndarray:
     return np.where(count > 0, np.ceil(count / n * 1e6 - 1e-6) / 1e6, 0.0)
 
 
-def drop_row(curves: DropCurves, row: int, r: np.ndarray) -> np.ndarray:
-    """One curve's drop at several ratios (linear, extrapolated past the grid as ``at``)."""
-    xs, ys = curves.xs, curves.ys[row]
-    if xs.size < 2:
-        return np.zeros(r.shape)
-    j = np.clip(np.searchsorted(xs, r, side="right") - 1, 0, xs.size - 2)
-    return np.maximum(0.0, ys[j] + (r - xs[j]) / (xs[j + 1] - xs[j]) * (ys[j + 1] - ys[j]))
-
-
 def staircase(
     cost: CostModel,
     base: np.ndarray,
@@ -78,7 +69,8 @@ def staircase(
             continue
         ratios = ratio_of(n[i], stairs(n[i], unit[i], multiple, cap))
         ladders.append(ratios)
-        drops.append(drop_row(curves, row_of[name], ratios))
+        row = curves.ys[row_of[name]][None, :].repeat(ratios.size, axis=0)
+        drops.append(DropCurves([name] * ratios.size, curves.xs, row).at(ratios))
     r = np.array([ladder[0] for ladder in ladders])
     position = np.zeros(len(ladders), int)
     states = [r.copy()]

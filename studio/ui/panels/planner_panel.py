@@ -272,11 +272,11 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
             self.allocate_button.setEnabled(False)
             return self.latency.build(cost, then=self.allocate)  # allocates once it is ready
         plan, data = self.state.plan, self.session.data
-        module = model.replica().module  # importances may trace the module
+        replica = model.replica()  # importances, the profile and the measured loop use it
+        module = replica.module
         predictor = self.latency.predictor
 
         timed = strategy == "sensitivity" and plan.method == "structured" and plan.round_to > 1
-        replica = model.replica() if kind == "latency" or timed else None
         runtime, batch, threads = (
             (predictor.runtime, predictor.batch, predictor.threads)
             if predictor is not None
@@ -285,12 +285,12 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
 
         def work(progress: ProgressFn, cancel: CancelToken) -> PruningPlan:
             weights = None
-            if timed and replica is not None:  # drop per millisecond saved (core.latency.weights)
+            if timed:  # drop per millisecond saved (core.latency.weights)
                 progress(0.0, "profiling the layers")
                 weights = layer_weights(replica, cost, runtime, batch, threads, cancel=cancel)
             progress(0.1, f"{strategy} allocation")
             args = (cost, plan, strategy, kind, fraction, report, module, data, predictor, weights)
-            if kind != "latency" or replica is None or predictor is None:
+            if kind != "latency" or predictor is None:
                 return allocate(*args)
             try:  # the estimate's plan first, then measured candidates (core.latency.target)
                 first = allocate(*args)
