@@ -44,6 +44,7 @@ GRACE_S = 0.3  # a cancelled child that has not ended by then is killed
 PROGRESS_EVERY_S = 0.05  # the child sends progress at most this often (and every message change)
 PRELOAD = [
     "torch",
+    "studio.core.models",  # registers what unpickling an ONNX import needs
     "studio.core.models.load",
     "studio.core.scan.sensitivity",
     "studio.core.prune.engine",
@@ -220,7 +221,7 @@ def run_isolated(
             if not results_r.poll(POLL_S):
                 continue
             try:
-                message = pickle.loads(results_r.recv_bytes())
+                message = _loads(results_r.recv_bytes())
             except (EOFError, OSError):
                 if cancel.cancelled:
                     raise Cancelled() from None
@@ -286,7 +287,8 @@ def _child_main(control: Any, results: Any) -> None:
 
     tokens: dict[str, Any] = {}
     try:
-        fn, stream, cancel = _JobUnpickler(io.BytesIO(control.recv_bytes()), tokens).load()
+        payload = control.recv_bytes()
+        fn, stream, cancel = _loads(payload, lambda b: _JobUnpickler(io.BytesIO(b), tokens).load())
     except Exception as exc:
         send(("failed", StudioError(f"the job could not start in its process: {exc}")))
         return
@@ -319,6 +321,29 @@ def _child_main(control: Any, results: Any) -> None:
         send(("cancelled",))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
         send(("failed", _sendable(exc)))
+
+
+_MISSING_MODULE_FIXES: dict[str, Callable[[], object]] = {}
+
+
+def on_missing_module(name: str, fix: Callable[[], object]) -> None:
+    """When a job or its result cannot be unpickled because module ``name`` is missing, call
+    ``fix`` and try once more. A stage registers how to import what its objects need: a model
+    converted from ONNX holds onnx2torch modules, and importing onnx2torch imports torchvision,
+    which the studio stands in for while it imports it (``models.onnx_converters``)."""
+    _MISSING_MODULE_FIXES[name] = fix
+
+
+def _loads(data: bytes, load: Callable[[bytes], Any] = pickle.loads) -> Any:
+    """Unpickle a job or its result (see :func:`on_missing_module`)."""
+    try:
+        return load(data)
+    except ModuleNotFoundError as missing:
+        fix = _MISSING_MODULE_FIXES.get(missing.name or "")
+        if fix is None:
+            raise
+    fix()
+    return load(data)
 
 
 def _sendable(exc: BaseException) -> BaseException:

@@ -187,11 +187,13 @@ def test_structured_on_onnx_imports(onnx_models, tmp_path: Path) -> None:
     assert tensor_numel(result.module) < 0.3 * tensor_numel(resnet.module)
     assert run(result.module, resnet.example_input(2)).shape == (2, 10)
     assert result.model.kind == "onnx"
-    # the ViT's class token is a constant of the ONNX graph: its embedding cannot shrink
+    # the ViT's class token is a constant of the ONNX graph: its embedding cannot shrink, but
+    # its MLPs (MatMul + Add in the file, read as linear layers) can
     vit = onnx_models["vit"]
     result = prune(vit, uniform(vit, "structured", 0.5))
-    assert result.skipped and all(r.startswith("rolled back:") for _, r in result.skipped)
-    assert result.params_after == result.params_before
+    reasons = [r for _, r in result.skipped]
+    assert reasons and all(r.startswith(("rolled back:", "left whole:")) for r in reasons)
+    assert result.params_after < 0.9 * result.params_before
     assert run(result.module, vit.example_input(2)).shape == (2, 10)
     # an ONNX import has no built-in architecture to rebuild: .pt is refused, .pt2 works
     with pytest.raises(StudioError, match=r"save it as out\.pt2"):
@@ -306,8 +308,8 @@ def test_saved_model_reloads_without_trusting_pickles(demo, tmp_path: Path) -> N
     assert load_model(str(tmp_path / "twice.pt")).module.conv1.out_channels == 5
     with pytest.raises(StudioError, match="refusing to write over"):
         save_pruned(result, path, protected=(path,))
-    with pytest.raises(StudioError, match=r"\.pt or \.pt2"):
-        save_pruned(result, tmp_path / "pruned.onnx")
+    with pytest.raises(StudioError, match=r"\.pt, \.pt2 or \.onnx, not \.tflite"):
+        save_pruned(result, tmp_path / "pruned.tflite")
 
 
 def test_plans_for_another_model_or_unknown_layers_are_refused(demo) -> None:

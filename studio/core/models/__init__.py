@@ -4,3 +4,6 @@ activation and weight statistics, residual blocks, pruned files, tensor layouts.
 
 The lowest stage: imports only the shared core modules (errors, jobs, files, paths).
 """
+
+# imported with the package so that every process that unpickles an ONNX import knows how
+from studio.core.models import onnx_converters as _onnx_converters  # noqa: E402, F401

@@ -72,11 +72,14 @@ def build_inventory(
     check(cancel)
     report(progress, 0.4, "building the dependency graph")
     groups: list[graph.DependencyGroup] = []
+    left_whole: dict[str, str] = {}  # group roots the graph cannot prune safely, with the reason
     graph_error: str | None = None
     if model.kind in (EAGER, ONNX):
         try:
             outputs = graph.output_layers(module, x)
-            groups = graph.dependency_groups(module, x, ignored=outputs)
+            tp_graph, traced = graph.traced_groups(module, x, ignored=outputs)
+            groups = [info for info, _ in traced]
+            left_whole = dict(graph.left_whole(tp_graph))
         except StudioError as exc:
             graph_error = str(exc)
     else:
@@ -92,6 +95,8 @@ def build_inventory(
         params = sum(p.numel() for p in mod.parameters(recurse=False))
         gid = group_of.get(name)
         reason = "" if gid is not None else _reason(name, mod, params, graph_error)
+        if gid is None and name in left_whole:
+            reason = left_whole[name]
         layers.append(
             LayerInfo(
                 name=name or "(model)",

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from studio.core.errors import StudioError
+from studio.core.jobs import ProgressFn
 from studio.core.models import loaders, zoo
 from studio.core.models.loaded import EAGER, LoadedModel
 from studio.core.paths import DEMO_WEIGHTS
@@ -22,8 +23,10 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     trust_pickle: bool = False,
     num_classes: int = 10,
+    progress: ProgressFn | None = None,
 ) -> LoadedModel:
-    """Load the model named by ``spec`` (``demo``, ``zoo:NAME`` or a path), in eval mode."""
+    """Load the model named by ``spec`` (``demo``, ``zoo:NAME`` or a path), in eval mode;
+    ``progress`` hears of each step of loading (an ONNX file's conversion and checks)."""
     if spec == "demo":
         return load_demo()
     if spec.startswith("zoo:"):
@@ -37,6 +40,7 @@ def load_model(
         input_shape=input_shape,
         trust_pickle=trust_pickle,
         num_classes=num_classes,
+        progress=progress,
     )
 
 

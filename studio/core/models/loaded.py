@@ -1,6 +1,7 @@
 """What a loaded model is: :class:`LoadedModel` (the module in eval mode plus what the rest of
 the studio needs to know about it: input shape, what kind of file it came from, which
-operations the kind does not support), and input shapes (parsed, or resolved against a file's
+operations the kind does not support, and for ONNX imports the names, opset and dynamic axes
+the file declared), and input shapes (parsed, or resolved against a file's
 recorded dimensions). Loading itself is :mod:`studio.core.models.load`.
 """
 
@@ -49,6 +50,10 @@ class LoadedModel:
     output_names: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)  # shown to the user on load
     onnx_max_diff: float | None = None  # ONNX: converted graph vs onnxruntime
+    # ONNX imports: what the file declared, so that an ONNX file written back declares the same:
+    # its ai.onnx opset, and per input/output name its dynamic dims (index -> symbolic name)
+    onnx_opset: int | None = None
+    onnx_dynamic_axes: dict[str, dict[int, str]] | None = None
 
     @property
     def unsupported(self) -> dict[str, str]:

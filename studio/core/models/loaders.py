@@ -26,6 +26,7 @@ from studio.core.errors import (
     UntrustedPickleError,
     first_line,
 )
+from studio.core.jobs import ProgressFn
 from studio.core.models import zoo
 from studio.core.models.archives import load_exported, load_torchscript
 from studio.core.models.loaded import (
@@ -54,6 +55,7 @@ def load_file(
     input_shape: tuple[int, ...] | None = None,
     trust_pickle: bool = False,
     num_classes: int = 10,
+    progress: ProgressFn | None = None,
 ) -> LoadedModel:
     """Load the model in ``path``, whatever its extension says, in eval mode."""
     path = Path(path)
@@ -61,7 +63,7 @@ def load_file(
     if fmt == ONNX_FILE:
         from studio.core.models.onnx_import import load_onnx
 
-        return load_onnx(path, input_shape)
+        return load_onnx(path, input_shape, progress)
     if fmt == TORCHSCRIPT_ZIP:
         return load_torchscript(path, input_shape)
     if fmt == EXPORT_ZIP:

@@ -1,6 +1,6 @@
 """Saving a pruned model so that it loads back without running code from the file.
 
-Two formats, chosen by the file's extension:
+Three formats, chosen by the file's extension:
 
 - ``.pt`` / ``.pth``: a ``torch.save`` dict that ``torch.load(weights_only=True)`` reads: the
   built-in architecture's name and input shape, the blocks replaced by their shortcut, the plain
@@ -11,6 +11,13 @@ Two formats, chosen by the file's extension:
   (the demo, ``zoo:NAME``, a state_dict loaded with ``--arch``) can be saved this way.
 - ``.pt2``: a ``torch.export`` program with a dynamic batch size, for any model (ONNX imports
   too); it loads for evaluation and latency measurement only.
+- ``.onnx``: an ONNX file, for any model. A model imported from ONNX is written as its file
+  declared it: the same input and output names, dynamic dims and opset (the nearest one torch's
+  exporter writes, with a note, if it cannot write that one); any other model with inputs and
+  outputs named ``input`` and ``output``, a dynamic batch and the default opset. The file is run
+  in ONNX Runtime beside the module on seeded inputs, at a second size of every dynamic dim too,
+  and written only if its outputs match (:func:`studio.core.models.onnx_io.verified_onnx`, the
+  check ``studio export`` makes).
 """
 
 from __future__ import annotations
@@ -24,21 +31,35 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
-from studio.core.models import zoo
+from studio.core.models import onnx_io, zoo
 from studio.core.models.blocks import remove_block, removed_blocks
 from studio.core.models.loaded import EAGER, LoadedModel
 
 FORMAT_KEY = "studio_pruned_model"
 FORMAT_VERSION = 1
 PT_SUFFIXES = (".pt", ".pth")
+SUFFIXES = (*PT_SUFFIXES, ".pt2", ".onnx")
 _PLAIN = (int, float, bool, str, type(None))
 
 
-def save_model(model: LoadedModel, path: str | Path, protected: tuple[Path, ...] = ()) -> Path:
-    """Write ``model`` to ``path`` (.pt: rebuildable eager model; .pt2: torch.export)."""
+def save_model(
+    model: LoadedModel,
+    path: str | Path,
+    protected: tuple[Path, ...] = (),
+    notes: list[str] | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` (.pt: rebuildable eager model; .pt2: torch.export; .onnx:
+    ONNX, checked in ONNX Runtime). What the user should know about the file (an opset other
+    than the original's) is appended to ``notes``."""
     path = Path(path)
     check_destination(model, path)
-    payload = _rebuildable(model, path) if path.suffix.lower() in PT_SUFFIXES else _exported(model)
+    suffix = path.suffix.lower()
+    if suffix in PT_SUFFIXES:
+        payload = _rebuildable(model, path)
+    elif suffix == ".onnx":
+        payload = _onnx(model, notes if notes is not None else [])
+    else:
+        payload = _exported(model)
     return write_atomic(path, payload, protected)
 
 
@@ -46,8 +67,10 @@ def check_destination(model: LoadedModel, path: str | Path) -> None:
     """Refuse, before any work, a file ``model`` (or its pruned copy) cannot be saved as."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in PT_SUFFIXES + (".pt2",):
-        raise StudioError(f"a pruned model is saved as .pt or .pt2, not {suffix or path.name}")
+    if suffix not in SUFFIXES:
+        raise StudioError(
+            f"a pruned model is saved as .pt, .pt2 or .onnx, not {suffix or path.name}"
+        )
     if suffix in PT_SUFFIXES and (model.kind != EAGER or model.arch not in zoo.NAMES):
         raise StudioError(
             f"{model.name} is not a built-in architecture, so a .pt file could not rebuild it "
@@ -103,6 +126,26 @@ def _exported(model: LoadedModel) -> bytes:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
+
+
+def _onnx(model: LoadedModel, notes: list[str]) -> bytes:
+    """``model`` as a checked ONNX file that declares what its own ONNX file did."""
+    inputs, outputs = onnx_io.file_names(model)
+    axes = onnx_io.file_axes(model, inputs, outputs)
+    opset, note = onnx_io.supported_opset(model.onnx_opset)
+    input_axes = axes.get(inputs[0], {})
+    x = model.example_input(2 if 0 in input_axes else model.input_shape[0]).numpy()
+    checks = [x, *onnx_io.probe_inputs(x, input_axes)]
+    module = model.module.eval()
+    try:
+        data, *_ = onnx_io.verified_onnx(
+            module, torch.from_numpy(x), checks, opset, inputs, outputs, axes, "ONNX file"
+        )
+    except onnx_io.BatchShapeError as error:  # a dim declared dynamic that is not
+        raise StudioError(f"{error}; nothing was written") from None
+    if note:
+        notes.append(note)
+    return data
 
 
 def is_pruned_file(obj: Any) -> bool:

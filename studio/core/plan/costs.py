@@ -210,8 +210,8 @@ def _structured(cost: CostModel, module: nn.Module, x: torch.Tensor, macs: dict[
                 continue  # depthwise convs and norms lose input and output channels together
             (out_of if out else in_of).setdefault(name, {})[g] = count / info.channels
             dims.setdefault((name, out), count)
-        heads = graph.fused_qkv_heads(module, info.root)
-        unit = 3 * heads if heads else 1
+        layout = graph.head_layout(module, info.root)
+        unit = layout[0] * layout[1] if layout else 1
         units.append(unit)
         bases.append(info.channels // unit)
         params = sum(_own_params(mods[n]) for n in info.layers)

@@ -22,6 +22,7 @@ from torch import nn
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn, check, report, sub_progress
 from studio.core.models import blocks as prune_blocks
+from studio.core.models import graph
 from studio.core.models.data import DataSet
 from studio.core.models.evaluate import EvalResult, evaluate
 from studio.core.models.inventory import layer_rows, trace_layers
@@ -31,7 +32,12 @@ from studio.core.plan.costs import BLOCK_REMOVED
 from studio.core.plan.plan import NEEDS_DATA, PruningPlan
 from studio.core.prune import structured as prune_structured
 from studio.core.prune import weights as prune_weights
-from studio.core.prune.bn_calibration import batch_norms, recalibrate_bn
+from studio.core.prune.bn_calibration import (
+    batch_norms,
+    folded_samples,
+    match_statistics,
+    recalibrate_bn,
+)
 
 Shape = tuple[int, ...] | None
 
@@ -131,11 +137,13 @@ def prune(
     skipped: list[tuple[str, str]] = []
     notes: list[str] = []
     step = sub_progress(progress, 0.05, 0.6 if data is not None else 0.9)
+    kept: dict[str, list[int]] = {}  # output channels each layer kept (structured)
+    original: nn.Module | None = None  # a copy of the unpruned module, made when needed
     if plan.method == "structured":
         traced = prune_structured.trace(module, x)
         plan.check_model(model.fingerprint(), {info.root for info, _ in traced[1]})
         skipped, notes = prune_structured.prune_structured(
-            module, x, traced, plan, data, step, cancel
+            module, x, traced, plan, data, step, cancel, kept
         )
     elif plan.method == "blocks":
         plan.check_model(model.fingerprint(), set(prune_targets(model, "blocks")))
@@ -155,12 +163,26 @@ def prune(
         )
     elif plan.recalibrate_bn and batch_norms(module):
         notes.append("batch-norm statistics kept from the unpruned model (no data given)")
+    elif plan.recalibrate_bn and calibration is not None and plan.method == "structured" and kept:
+        # no batch norms: an exported model has them folded into its convolutions
+        outputs = graph.output_layers(module, x)
+        skip = {n for n, m in module.named_modules() if m in outputs}
+        original = copy.deepcopy(model.module).eval()
+        matched = match_statistics(original, module, kept, calibration, skip, cancel)
+        if matched:
+            notes.append(
+                f"{matched} convolutions rescaled to the unpruned model's channel statistics "
+                f"on {folded_samples(calibration):,} samples of {calibration.name} "
+                "(the model has no batch norms to re-estimate"
+                + (": folded on export)" if model.kind == ONNX else ")")
+            )
     report(progress, 0.6 if data is not None else 0.9, "measuring")
     params_after, macs_after, size_after = _counts(module, x)
     nonzero = sum(int(torch.count_nonzero(p)) for p in module.parameters())
     before_q = after_q = None
     if data is not None:
-        original = copy.deepcopy(model.module).eval()  # evaluate() may move it to a GPU
+        if original is None:  # a copy: evaluate() may move it to a GPU
+            original = copy.deepcopy(model.module).eval()
         reference = None if data.labelled else original
         step = sub_progress(progress, 0.6, 0.8)
         before_q = evaluate(original, data, reference=reference, progress=step, cancel=cancel)
@@ -178,6 +200,8 @@ def prune(
         arch=model.arch,
         input_names=model.input_names,
         output_names=model.output_names,
+        onnx_opset=model.onnx_opset,
+        onnx_dynamic_axes=model.onnx_dynamic_axes,
     )
     report(progress, 1.0, "done")
     return PruneResult(
@@ -203,8 +227,8 @@ def prune(
 
 def save_pruned(result: PruneResult, path: str | Path, protected: tuple[Path, ...] = ()) -> Path:
     """Save the pruned model so ``studio info/eval --model PATH`` load it back without
-    running code from the file (.pt: rebuilt from the zoo architecture; .pt2: torch.export);
-    see :mod:`studio.core.models.pruned_file`."""
+    running code from the file (.pt: rebuilt from the zoo architecture; .pt2: torch.export;
+    .onnx: checked in ONNX Runtime); see :mod:`studio.core.models.pruned_file`."""
     return save_model(result.model, path, protected)
 
 

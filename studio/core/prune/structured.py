@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from studio.core.errors import StudioError
+from studio.core.errors import StudioError, first_line
 from studio.core.jobs import CancelToken, ProgressFn, check, report
 from studio.core.models import graph
 from studio.core.models.activations import ACTIVATION_CRITERIA, group_scores
@@ -54,10 +54,11 @@ def unprunable_layers(module: nn.Module) -> Skipped:
 def select_channels(module: nn.Module, root: str, scores: Any, ratio: float) -> list[int]:
     """Channels of group ``root`` a ratio removes: the lowest scores, per head for attention."""
     scores = np.asarray(scores, dtype=float)
-    heads = graph.fused_qkv_heads(module, root)
-    if heads:  # the same head dimensions in q, k and v, equally in every head
-        per_head = channels_to_prune(len(scores) // 3 // heads, ratio)
-        return graph.qkv_channels(scores, heads, per_head)
+    layout = graph.head_layout(module, root)
+    if layout:  # the same head dimensions in q, k and v, equally in every head
+        parts, heads = layout
+        per_head = channels_to_prune(len(scores) // parts // heads, ratio)
+        return graph.qkv_channels(scores, heads, per_head, parts)
     k = channels_to_prune(len(scores), ratio)
     return sorted(np.argsort(scores, kind="stable")[:k].tolist())
 
@@ -70,17 +71,26 @@ def prune_structured(
     data: DataSet | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    kept: dict[str, list[int]] | None = None,
 ) -> tuple[Skipped, list[str]]:
-    """Prune ``module`` in place by ``plan``; returns (skipped groups with reasons, notes)."""
+    """Prune ``module`` in place by ``plan``; returns (skipped groups with reasons, notes).
+    ``kept``, if given, receives for each layer that lost output channels which of its
+    original output channels it kept."""
+    kept = {} if kept is None else kept
+    names = {m: n for n, m in module.named_modules()}
     dg, groups = traced
     active = plan.active()
     chosen = [(info, group) for info, group in groups if info.root in active]
     notes: list[str] = []
-    skipped = unprunable_layers(module)
+    skipped = unprunable_layers(module) + graph.left_whole(dg)
     report(progress, 0.0, "ranking channels")
-    scores = _scores(module, chosen, plan, data, cancel, notes)
+    failed: dict[str, str] = {}
+    scores = _scores(module, chosen, plan, data, cancel, notes, failed)
     cuts = []
     for info, group in chosen:
+        if info.root in failed:
+            skipped.append((info.root, failed[info.root]))
+            continue
         if scores.get(info.root) is None:
             skipped.append((info.root, "no weights in the group to rank its channels by"))
             continue
@@ -93,17 +103,22 @@ def prune_structured(
         check(cancel)
         report(progress, 0.2 + 0.8 * i / len(cuts), name)
         saved = _snapshot(module)
+        before = dict(kept)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 handler = dg.get_pruner_of_module(root).prune_out_channels
-                dg.get_pruning_group(root, handler, idxs).prune(record_history=False)
+                group = dg.get_pruning_group(root, handler, idxs)
+                _record_kept(dg, group, names, kept)
+                group.prune(record_history=False)
                 with torch.no_grad():
                     shape = output_shape(module(x))
             if shape != reference:
                 raise _OutputChanged(f"the output shape changes from {reference} to {shape}")
         except Exception as exc:  # Torch-Pruning and the forward pass raise many kinds
             _restore(module, saved)
+            kept.clear()
+            kept.update(before)
             skipped.append((name, _reason(exc)))
             dg = graph.build_graph(module, x)  # the old graph may point at replaced tensors
     report(progress, 1.0, f"{len(cuts)} groups")
@@ -112,6 +127,25 @@ def prune_structured(
 
 class _OutputChanged(Exception):
     pass
+
+
+def _record_kept(
+    dg: Any, group: Any, names: dict[nn.Module, str], kept: dict[str, list[int]]
+) -> None:
+    """Note, before ``group`` prunes, which original output channels each of its layers keeps
+    (composed with what an earlier group left of the same layer)."""
+    for dep, idxs in group:
+        layer = dep.target.module
+        if not dg.is_out_channel_pruning_fn(dep.handler) or layer not in names:
+            continue
+        width = dg.get_pruner_of_module(layer).get_out_channels(layer)
+        if not width:
+            continue
+        gone = {int(getattr(i, "idx", i)) for i in idxs}
+        now = [i for i in range(int(width)) if i not in gone]
+        name = names[layer]
+        previous = kept.get(name)
+        kept[name] = [previous[i] for i in now] if previous is not None else now
 
 
 def _reason(exc: Exception) -> str:
@@ -128,8 +162,11 @@ def _scores(
     data: DataSet | None,
     cancel: CancelToken | None,
     notes: list[str],
+    failed: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray | None]:
-    """Channel scores of every chosen group (lower = pruned first), on the unpruned model."""
+    """Channel scores of every chosen group (lower = pruned first), on the unpruned model.
+    A group whose scores cannot be computed is left out and its reason put in ``failed``."""
+    failed = {} if failed is None else failed
     import torch_pruning as tp
 
     criterion = plan.criterion
@@ -165,10 +202,17 @@ def _scores(
         with torch.no_grad():
             for info, group in chosen:
                 check(cancel)
-                scores = imp(group)
-                if scores is None and criterion == "bn_scale":
-                    fallback.append(info.root)
-                    scores = l2(group)
+                try:
+                    scores = imp(group)
+                    if scores is None and criterion == "bn_scale":
+                        fallback.append(info.root)
+                        scores = l2(group)
+                except Exception as exc:  # Torch-Pruning indexes layers by its own mapping
+                    failed[info.root] = (
+                        "left whole: its channels could not be ranked "
+                        f"({type(exc).__name__}: {first_line(exc)})"
+                    )[:240]
+                    continue
                 out[info.root] = None if scores is None else scores.double().cpu().numpy()
     finally:
         for p in module.parameters():

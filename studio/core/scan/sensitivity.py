@@ -238,11 +238,12 @@ class SensitivityScan:
         scores = self._channel_scores(target)
         key = f"heads:{target.name}"
         if key not in self._targets:  # looked up once: it walks every module
-            self._targets[key] = graph.fused_qkv_heads(self.model.module, target.name)
-        heads: int | None = self._targets[key]  # type: ignore[assignment]
-        if heads:  # attention: the same head dimensions in q, k and v, equally per head
-            per_head = channels_to_prune(len(scores) // 3 // heads, ratio)
-            return graph.qkv_channels(scores, heads, per_head)
+            self._targets[key] = graph.head_layout(self.model.module, target.name)
+        layout: tuple[int, int] | None = self._targets[key]  # type: ignore[assignment]
+        if layout:  # attention: the same head dimensions in q, k and v, equally per head
+            parts, heads = layout
+            per_head = channels_to_prune(len(scores) // parts // heads, ratio)
+            return graph.qkv_channels(scores, heads, per_head, parts)
         k = channels_to_prune(len(scores), ratio)
         return sorted(np.argsort(scores, kind="stable")[:k].tolist())
 

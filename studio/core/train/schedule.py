@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.core.errors import StudioError
-from studio.core.models.graph import fused_qkv_heads
+from studio.core.models.graph import head_layout
 from studio.core.plan.plan import PruningPlan
 from studio.core.scan.masks import channels_to_prune
 from studio.core.train.types import FinetuneSettings
@@ -147,5 +147,5 @@ class GradualSchedule:
 def channel_units(module: torch.nn.Module, name: str, channels: int) -> int:
     """Channels of a group counted as the engine counts them: per head dimension for a fused
     q/k/v projection (the same dimensions go in every head and in q, k and v)."""
-    heads = fused_qkv_heads(module, name)
-    return channels // 3 // heads if heads else channels
+    layout = head_layout(module, name)
+    return channels // layout[0] // layout[1] if layout else channels
