@@ -249,7 +249,7 @@ def test_prune_errors_are_one_line(capsys, tmp_path, one_thread) -> None:
         (["--model", "demo", "--recipe", str(bad), "--ratio", "0.5", *out], "leave out --ratio"),
         (["--model", "demo", "--recipe", str(bad), "--round-to", "8", *out], "--round-to"),
         (["--model", "demo", *out], "say how much to prune"),
-        (["--model", "demo", "--ratio", "0.5", "--out", "x.onnx"], "--out must end"),
+        (["--model", "demo", "--ratio", "0.5", "--out", "x.tflite"], "--out must end"),
         (["--model", "demo", "--ratio", "0.95", *out], "above the per-layer cap"),
         (["--model", "demo", "--criterion", "taylor", "--ratio", "0.5", *out], "needs data"),
     ]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -79,6 +80,31 @@ def test_finetune_json_matches_eval_of_the_saved_model(capsys, tmp_path, files) 
     assert [r["is_best"] for r in epochs].count("True") >= 1
 
 
+def test_an_onnx_model_is_fine_tuned_and_saved_as_onnx(capsys, tmp_path, files) -> None:
+    source, out = tmp_path / "demo.onnx", tmp_path / "ft.onnx"
+    save_model(load_model("demo"), source)
+    code, stdout, err = run(
+        capsys,
+        "finetune",
+        "--model", str(source),
+        "--data", str(files["train"]),
+        "--val-data", str(files["val"]),
+        "--epochs", "1",
+        "--batch-size", "32",
+        "--threads", "1",
+        "--out", str(out),
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(stdout)
+    code, stdout, err = run(
+        capsys, "eval", "--model", str(out), "--data", str(files["val"]), "--json"
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["accuracy"] == pytest.approx(summary["accuracy_after"], abs=1 / 64)
+    assert onnx.load(str(out)).graph.input[0].name == onnx.load(str(source)).graph.input[0].name
+
+
 def test_unlabeled_distillation_and_a_continued_run(capsys, tmp_path, files) -> None:
     args = [
         "finetune",
@@ -135,7 +161,7 @@ def test_gradual_pruning_by_a_recipe(capsys, tmp_path) -> None:
     ("extra", "message"),
     [
         (["--out", "{model}"], "refusing to write over"),
-        (["--out", "{tmp}/x.onnx"], "--out must end in .pt"),
+        (["--out", "{tmp}/x.tflite"], "--out must end in .pt"),
         (["--out", "{tmp}/x.pt", "--gradual"], "--gradual needs --recipe"),
         (["--out", "{tmp}/x.pt", "--steps", "3"], "go with --gradual"),
         (["--out", "{tmp}/x.pt", "--history", "{tmp}/h.txt"], "--history must end in .csv"),

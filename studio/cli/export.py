@@ -35,7 +35,12 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help=".onnx, .pt/.pth/.ts (torchscript), .pt/.pth (pytorch) or .pt2",
     )
-    ex.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default 17, 11 to 20)")
+    ex.add_argument(
+        "--opset",
+        type=int,
+        metavar="N",
+        help="ONNX opset, 11 to 20 (default: an ONNX import's own, else 17)",
+    )
     ex.add_argument(
         "--no-dynamic-batch", action="store_true", help="fix the batch size of the exported file"
     )

@@ -28,7 +28,7 @@ from studio.core.errors import StudioError
 
 OPTIMIZERS = ("sgd", "adamw")  # studio.core.train.types.OPTIMIZERS
 SCHEDULES = ("cosine", "step", "constant")  # studio.core.train.types.SCHEDULES
-MODEL_SUFFIXES = (".pt", ".pth", ".pt2")
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2", ".onnx")
 # command-line option -> FinetuneSettings field (only options given override the defaults)
 SETTINGS = {
     "epochs": "epochs",
@@ -97,7 +97,13 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="Ray Train workers with --ray (default 1); --batch-size is split among them",
     )
-    ft.add_argument("--out", required=True, metavar="MODEL.pt|MODEL.pt2", help="trained model")
+    ft.add_argument(
+        "--out",
+        required=True,
+        metavar="MODEL.pt|MODEL.pt2|MODEL.onnx",
+        help="trained model (.onnx: checked in ONNX Runtime; an ONNX import keeps its names, "
+        "dynamic dims and opset)",
+    )
     ft.add_argument("--history", metavar="FILE.csv", help="write every training record")
     ft.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -105,7 +111,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse contradictory or incomplete arguments before loading anything."""
     if Path(args.out).suffix.lower() not in MODEL_SUFFIXES:
-        raise StudioError(f"--out must end in .pt, .pth or .pt2, got {args.out}")
+        raise StudioError(f"--out must end in .pt, .pth, .pt2 or .onnx, got {args.out}")
     if args.history and not args.history.lower().endswith(".csv"):
         raise StudioError(f"--history must end in .csv, got {args.history}")
     if args.gradual and not args.recipe:

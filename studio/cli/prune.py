@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ METHODS = ("structured", "unstructured", "nm", "blocks")  # studio.core.plan.pla
 CRITERIA = ("l2", "l1", "taylor", "bn_scale", "apoz", "activation", "random")  # plan.CRITERIA
 NEEDS_DATA = ("taylor", "apoz", "activation")  # studio.core.plan.plan.NEEDS_DATA
 STRATEGIES = ("uniform", "global", "sensitivity")  # studio.core.plan.allocate.STRATEGIES
-MODEL_SUFFIXES = (".pt", ".pth", ".pt2")
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2", ".onnx")  # studio.core.models.pruned_file.SUFFIXES
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -81,7 +82,13 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the unpruned model's batch-norm statistics",
     )
-    pr.add_argument("--out", required=True, metavar="MODEL.pt|MODEL.pt2", help="pruned model")
+    pr.add_argument(
+        "--out",
+        required=True,
+        metavar="MODEL.pt|MODEL.pt2|MODEL.onnx",
+        help="pruned model: .pt (built-in architectures), .pt2 (torch.export) or .onnx (checked "
+        "in ONNX Runtime; an ONNX model keeps its input/output names, dynamic dims and opset)",
+    )
     pr.add_argument("--recipe-out", metavar="FILE.yaml|FILE.json", help="save the plan used")
     pr.add_argument(
         "--no-speed-check",
@@ -125,7 +132,7 @@ def _check_args(args: argparse.Namespace) -> None:
         why = "its gradient pass" if args.criterion == "taylor" else "measuring activations"
         raise StudioError(f"the {args.criterion} criterion needs data for {why}: give --data")
     if Path(args.out).suffix.lower() not in MODEL_SUFFIXES:
-        raise StudioError(f"--out must end in .pt, .pth or .pt2, got {args.out}")
+        raise StudioError(f"--out must end in .pt, .pth, .pt2 or .onnx, got {args.out}")
     if args.recipe_out and Path(args.recipe_out).suffix.lower() not in RECIPE_SUFFIXES:
         raise StudioError(f"--recipe-out must end in .yaml or .json, got {args.recipe_out}")
 
@@ -255,8 +262,8 @@ def _uniform(model, method: str, ratio: float, cap: float, data) -> dict[str, fl
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Run ``studio prune``."""
-    from studio.core.models.pruned_file import check_destination
-    from studio.core.prune.engine import prune, save_pruned
+    from studio.core.models.pruned_file import check_destination, save_model
+    from studio.core.prune.engine import prune
 
     _check_args(args)
     if args.recipe:  # a bad recipe fails before the model loads
@@ -282,10 +289,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         existing_path(args.calib_data),
     )
     protected = tuple(p for p in inputs if p)
-    save_pruned(result, args.out, protected)
+    saved_notes: list[str] = []  # about the file (an opset other than the original's)
+    save_model(result.model, args.out, protected, saved_notes)
+    for note in saved_notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.recipe_out:
         plan.save(args.recipe_out, protected + (Path(args.out),))
     summary = dict(result.to_dict(), out=args.out, recipe_out=args.recipe_out)
+    summary["notes"] += saved_notes
     summary["targets"] = len(plan.active())
     summary["target"] = dict(plan.target)  # what was asked, and for latency what was measured
     speed = None

@@ -70,6 +70,7 @@ class Workflow(QObject):
         self._inventory_job: Job | None = None
         self._eval_job: Job | None = None
         self._data_job: Job | None = None
+        self._waiting_for_data: str | None = None  # a load that failed for want of a shape
         runner.finished.connect(self._on_finished)
         runner.failed.connect(self._on_failed)
         runner.cancelled.connect(self._on_cancelled)
@@ -94,6 +95,7 @@ class Workflow(QObject):
                 arch=request.arch,
                 input_shape=request.input_shape,
                 trust_pickle=request.trust_pickle,
+                progress=progress,
             )
             cancel.check()
             return model
@@ -205,7 +207,30 @@ class Workflow(QObject):
         self.session.set_data(data)
         labels = f"{len(data.classes)} classes" if data.labelled else "unlabeled"
         self.session.log(f"Loaded data {data.name}: {len(data):,} samples, {labels}")
+        waiting, self._waiting_for_data = self._waiting_for_data, None
+        if waiting is not None and self.session.model is None:
+            self._shape_from_data(waiting)
+            return
         self.evaluate()
+
+    def _shape_from_data(self, message: str) -> bool:
+        """A model with dynamic inputs takes its input shape from the data (one sample, batch
+        1), as the CLI does: loaded again at once if the data is in, or when it arrives if it
+        is being read; False (ask the user) when there is no data."""
+        data = self.session.data
+        if data is None:
+            pending = self._data_job is not None and not self._data_job.done
+            if pending:
+                self._waiting_for_data = message
+                self.session.log(f"{message}: waiting for the data to say", WARNING)
+            return pending
+        shape = (1, *(int(d) for d in data.x.shape[1:]))
+        self.session.log(
+            f"The model's inputs are dynamic; input shape {','.join(map(str, shape))} "
+            f"from the data ({data.name})"
+        )
+        self.open_model(replace(self._load_request, input_shape=shape))
+        return True
 
     def _on_evaluation(self, model: Any, data: Any, result: Any) -> None:
         s = self.session
@@ -260,6 +285,8 @@ class Workflow(QObject):
             self._resume()
             return
         fact = missing_fact(message, self._load_request) if job is self._load_job else None
+        if fact == SHAPE and self._shape_from_data(message):
+            return
         if fact is not None:
             self.session.log(message, WARNING)
             self.needs_fact.emit(self._load_request, fact, message)

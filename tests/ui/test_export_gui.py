@@ -101,3 +101,24 @@ def test_export_result_shows_the_speed_check_line() -> None:
     )  # fmt: skip
     shown = result_html(result)
     assert "Speed check" in shown and line in shown and "#c62828" in shown
+
+
+def test_an_onnx_import_exports_as_onnx_with_its_own_opset(window, qtbot, tmp_path: Path) -> None:
+    # the model's own format first, its opset kept; the export runs in a job's process, which
+    # unpickles onnx2torch modules (that failed with "No module named 'torchvision'")
+    import onnx
+
+    from studio.core.models import corpus
+    from studio.core.models.load import load_model
+
+    source = corpus.export("mobilenetv3", tmp_path / "m3.onnx")  # opset 11, Constant nodes
+    window.session.set_model(load_model(str(source)))
+    dialog = export_actions.open_export_dialog(window)
+    qtbot.waitUntil(lambda: not window.runner.is_busy(), timeout=30_000)
+    assert dialog.chosen_format() == "onnx" and dialog.opset.value() == 11
+    dialog.path.setText(str(tmp_path / "out.onnx"))
+    with qtbot.waitSignal(dialog.exported, timeout=60_000):
+        dialog.start_export()
+    written = onnx.load(str(dialog.last_result.path))
+    assert {o.domain: o.version for o in written.opset_import}.get("", 0) == 11
+    assert [i.name for i in written.graph.input] == ["x"]

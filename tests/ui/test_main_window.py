@@ -207,3 +207,24 @@ def test_closing_cancels_running_jobs(qtbot) -> None:
     assert "Spinning" in win.progress.label.text()
     win.close()
     assert job.token.cancelled and win.runner.thread_count() == 0
+
+
+@pytest.mark.parametrize("data_first", [True, False])
+def test_a_model_with_dynamic_inputs_takes_its_shape_from_the_data(
+    qtbot, window: MainWindow, wait_idle, dialogs, tmp_path: Path, data_first: bool
+) -> None:
+    from studio.core.models import corpus
+
+    corpus.export("unet", tmp_path / "unet.onnx")  # dynamic batch, height and width
+    np.savez(tmp_path / "x.npz", x=corpus.synthetic_input("unet", 8, seed=0).numpy()[:, :, :48])
+    opened = [lambda: window.open_data(str(tmp_path / "x.npz"))]
+    opened.append(lambda: window.open_model(str(tmp_path / "unet.onnx")))
+    with qtbot.waitSignal(window.session.inventory_changed, timeout=60_000):
+        for step in opened if data_first else reversed(opened):
+            step()
+            if data_first:
+                wait_idle(window)
+    wait_idle(window)
+    assert not dialogs["critical"] and window.session.model is not None
+    assert window.session.model.input_shape == (1, 3, 48, 64)
+    assert any("from the data" in line for line in window.log_panel.lines())

@@ -3,7 +3,9 @@
 Formats:
 
 - ``onnx``: a single-file ONNX model (see :mod:`studio.core.models.onnx_io`), dynamic batch by
-  default; a model imported from ONNX keeps its input and output names.
+  default; a model imported from ONNX keeps what its file declared by default: its input and
+  output names, its dynamic dims (checked at a second size of each) and its opset (the nearest
+  one torch's exporter writes, if it cannot write that one).
 - ``torchscript``: ``torch.jit.trace`` of the module, saved with ``torch.jit.save``.
 - ``pt2``: a ``torch.export`` program (as ``studio prune --out X.pt2`` writes it).
 - ``pytorch``: for built-in architectures, FILE.pt is the studio's rebuildable file (the
@@ -18,7 +20,7 @@ Every export is verified before anything is written: the file is written to a te
 ``onnx.checker`` checks ONNX files, the file is loaded back in its own runtime (ONNX Runtime,
 ``torch.jit.load``, the studio's weights-only loaders) and run on sample inputs beside the
 in-memory model (at two batch sizes when the batch is dynamic; see
-:mod:`studio.core.export.verify` for the tolerance), and the parameters it holds are counted
+:mod:`studio.core.models.onnx_io` for the tolerance), and the parameters it holds are counted
 against the model's. Only a file that passes is renamed into place; input files are never
 overwritten. For ONNX, the file's ONNX Runtime latency (batch 1, median) is measured beside the
 original (unpruned) model's. Types: :mod:`studio.core.export.types`; the writers:
@@ -88,7 +90,9 @@ def export_model(
     check_export_destination(model, fmt, path)
     if opset is not None and fmt != "onnx":
         raise StudioError("an opset applies to ONNX exports only")
-    opset = (opset or export_onnx.DEFAULT_OPSET) if fmt == "onnx" else None
+    opset_note = None
+    if fmt == "onnx" and opset is None:  # an ONNX import's own, else the default
+        opset, opset_note = export_onnx.supported_opset(model.onnx_opset)
     if opset is not None:
         export_onnx.check_opset(opset)
     protected = (*protected, *_sources(model), *(_sources(original) if original else ()))
@@ -96,7 +100,8 @@ def export_model(
     module = model.module.eval()
     x = _samples(model, samples, dynamic_batch)
     exporter = Exporter(model, fmt, path, x, dynamic_batch, protected)
-    exporter.names = _names(model, input_names, output_names)
+    exporter.names = export_onnx.file_names(model, input_names, output_names)
+    exporter.axes = export_onnx.file_axes(model, *exporter.names)
     try:
         report(progress, 0.0, f"exporting to {fmt}")
         check(cancel)
@@ -113,6 +118,8 @@ def export_model(
         check(cancel)
         result = exporter.result
         result.opset = opset
+        if opset_note:
+            result.notes.append(opset_note)
         if fmt == "onnx":
             result.input_names, result.output_names = exporter.names
         if fmt == "onnx" and measure_latency:
@@ -178,7 +185,7 @@ def _measure(
         (result.ort_ms_exported,) = export_onnx.latencies_ms([exporter.session], x1, budget)
         result.notes.append("no original model given: the speed-up was not measured")
         return
-    names = _names(original, None, None)
+    names = export_onnx.file_names(original)
     example = torch.from_numpy(x1)
     data = export_onnx.onnx_bytes(
         original.module.eval(),
@@ -215,23 +222,6 @@ def _samples(model: LoadedModel, samples: torch.Tensor | None, dynamic: bool) ->
     if len(x) < 2 or len(x) < fixed:
         raise StudioError(f"give at least {max(2, fixed)} sample inputs to verify the export")
     return x.detach().cpu().float().contiguous().numpy()
-
-
-def _names(
-    model: LoadedModel, inputs: tuple[str, ...] | None, outputs: tuple[str, ...] | None
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Input and output names: given ones, else an ONNX import's own, else input/output."""
-    inputs = tuple(inputs or model.input_names or ("input",))
-    if outputs is None:
-        outputs = model.output_names or None
-    if outputs is None:
-        with torch.no_grad():
-            out = model.module(model.example_input())
-        count = len(out) if isinstance(out, tuple | list) else 1
-        outputs = ("output",) if count == 1 else tuple(f"output{i}" for i in range(count))
-    if len(inputs) != 1:
-        raise StudioError(f"the model takes one input, but {len(inputs)} input names were given")
-    return inputs, tuple(outputs)
 
 
 def _sources(model: LoadedModel) -> tuple[Path, ...]:

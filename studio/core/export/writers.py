@@ -27,7 +27,7 @@ from studio.core.export.verify import (
 )
 from studio.core.models import onnx_io as export_onnx
 from studio.core.models import zoo
-from studio.core.models.loaded import EAGER, LoadedModel
+from studio.core.models.loaded import EAGER, LoadedModel, shape_text
 
 
 class Exporter:
@@ -45,6 +45,8 @@ class Exporter:
         self.model, self.fmt, self.path, self.x = model, fmt, path, x
         self.dynamic, self.protected = dynamic, protected
         self.names: tuple[tuple[str, ...], tuple[str, ...]] = (("input",), ("output",))
+        self.axes: dict[str, dict[int, str]] = {}  # ONNX: the file's dynamic dims when dynamic
+        self.kept_axes = False  # ONNX: the file has them (not fixed after all)
         self.temps: list[tuple[Path, Path]] = []  # (temporary file, final path)
         self.result: ExportResult
         self.session: Any = None
@@ -65,12 +67,24 @@ class Exporter:
         return Path(name)
 
     def verify(self, run: Callable[[np.ndarray], Any], loaded_params: int, dynamic: bool) -> None:
-        model_params = module_params(self.model.module)
         batches = self.batches(dynamic)
         what = f"{self.fmt} file"
         diff, scale = max_abs_diff(self.expected, run, batches, what)
         require_match(diff, scale, what)
-        require_params(loaded_params, model_params, what)
+        self.record(diff, scale, loaded_params, batches, dynamic)
+
+    def record(
+        self,
+        diff: float,
+        scale: float,
+        loaded_params: int,
+        batches: list[np.ndarray],
+        dynamic: bool,
+    ) -> None:
+        """Check the parameter count of a file whose outputs matched; keep what was proved."""
+        model_params = module_params(self.model.module)
+        require_params(loaded_params, model_params, f"{self.fmt} file")
+        sizes = tuple(dict.fromkeys(len(b) for b in batches))
         self.result = ExportResult(
             path=self.path,
             format=self.fmt,
@@ -79,7 +93,7 @@ class Exporter:
             max_abs_diff=diff,
             output_scale=scale,
             bytes=0,
-            batch_sizes=tuple(len(b) for b in batches),
+            batch_sizes=sizes,
             dynamic_batch=dynamic,
             extra_files=tuple(final for _, final in self.temps[1:]),
         )
@@ -97,30 +111,52 @@ class Exporter:
             attempt(True)
         except BatchShapeError:
             attempt(False)
+            shape = self.model.input_shape
+            fixed = (
+                f"a fixed input shape of {shape_text(shape)}"
+                if any(i for axes in self.axes.values() for i in axes)
+                else f"a fixed batch size of {shape[0]}"
+            )
             self.result.notes.append(
-                f"the {self.fmt} file has a fixed batch size of {self.model.input_shape[0]}: "
-                "the model computes shapes from its input, which tracing records as constants"
+                f"the {self.fmt} file has {fixed}: the model computes shapes from its input, "
+                "which tracing records as constants"
             )
 
     def onnx(self, opset: int) -> None:
+        """The file declares the dynamic dims ``self.axes`` (none when not dynamic) and is
+        checked at another size of each (:func:`export_onnx.probe_inputs`)."""
         inputs, outputs = self.names
         tmp = self.temp(self.path)
 
         def attempt(dynamic: bool) -> None:
-            example = torch.from_numpy(self.x[:2] if dynamic else self.batches(False)[0])
-            data = export_onnx.onnx_bytes(
-                self.model.module, example, opset, inputs, outputs, dynamic
+            axes = self.axes if dynamic else {}
+            input_axes = axes.get(inputs[0], {})
+            batch = 0 in input_axes
+            first = self.x if batch else self.batches(False)[0]
+            batches = [first, *export_onnx.probe_inputs(first, input_axes)]
+            if not batch:  # the file's own batch size, on each sample
+                batches[1:1] = self.batches(False)[1:]
+            example = torch.from_numpy(first[:2] if batch else first)
+            module = self.model.module
+            data, self.session, diff, scale = export_onnx.verified_onnx(
+                module, example, batches, opset, inputs, outputs, axes, f"{self.fmt} file"
             )
+            self.kept_axes = dynamic
             tmp.write_bytes(data)
             proto = onnx.load(str(tmp))
-            export_onnx.check(proto)
-            self.session = export_onnx.session(str(tmp))
-            run = partial(export_onnx.run, self.session)
-            self.verify(run, export_onnx.file_params(proto), dynamic)
+            self.record(diff, scale, export_onnx.file_params(proto), batches, batch)
+            spatial = [b for b in batches if b.shape[1:] != first.shape[1:]]
+            if spatial:
+                self.result.notes.append(
+                    f"checked at input shape {shape_text(spatial[0].shape)} too: its "
+                    f"{', '.join(input_axes[i] for i in input_axes if i)} dims are dynamic"
+                )
 
         self.fixed_fallback(attempt)
         if self.model.input_names:
-            self.result.notes.append("the original input and output names are kept")
+            declared = self.model.onnx_dynamic_axes is not None and self.kept_axes
+            kept = "names and dynamic dims are" if declared else "names are"
+            self.result.notes.append(f"the original input and output {kept} kept")
         odd, convs = export_onnx.unaligned_convs(onnx.load(str(tmp)))
         if odd:
             self.result.notes.append(

@@ -5,6 +5,10 @@ The dialog runs :func:`studio.core.export.exporter.export_model` (and
 proved: parameters in the file against the model, the largest output difference, the size,
 ONNX Runtime latency of the original (the loaded, unpruned model) and the export, and the INT8
 figures beside the float ones. Errors are one line in the dialog.
+
+The chosen model's own format comes first and is chosen (ONNX for a model opened from ONNX,
+TorchScript and .pt2 for those; ONNX, the format to ship, for eager models), and a model opened
+from ONNX is offered its own opset and dynamic dims.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.export.types import FORMATS, SUFFIXES
-from studio.core.models.loaded import LoadedModel
+from studio.core.models.loaded import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import ERROR, Session
 
@@ -43,6 +47,7 @@ FORMAT_LABELS = {
     "pytorch": "PyTorch",
     "pt2": "torch.export (.pt2)",
 }
+OWN_FORMAT = {ONNX: "onnx", TORCHSCRIPT: "torchscript", EXPORTED: "pt2"}
 INT8_LABELS = (("None", None), ("INT8 dynamic", "dynamic"), ("INT8 static (calibrated)", "static"))
 
 
@@ -56,6 +61,23 @@ def model_choices(session: Session) -> list[tuple[str, LoadedModel]]:
     if session.model is not None:
         out.append((f"Loaded (unpruned): {session.model.name}", session.model))
     return out
+
+
+def format_order(model: LoadedModel | None) -> tuple[str, ...]:
+    """The export formats with ``model``'s own first (eager models: ONNX, to ship)."""
+    own = OWN_FORMAT.get(model.kind, FORMATS[0]) if model is not None else FORMATS[0]
+    return (own, *(f for f in FORMATS if f != own))
+
+
+def dynamic_label(model: LoadedModel | None) -> str:
+    """What the dynamic checkbox keeps: an ONNX import's own dynamic dims, else the batch."""
+    axes = model.onnx_dynamic_axes if model is not None else None
+    if axes is None:
+        return "Dynamic batch dimension"
+    dims = list(dict.fromkeys(name for dims in axes.values() for name in dims.values()))
+    if not dims:
+        return "Dynamic dimensions (the original file has none)"
+    return f"Dynamic dimensions as in the original file ({', '.join(dims)})"
 
 
 def _ms(value: float | None) -> str:
@@ -134,8 +156,7 @@ class ExportDialog(QDialog):
         self.last_quantized: Any = None  # QuantizeResult | None
         self.model_combo = QComboBox()
         self.format_combo = QComboBox()
-        for fmt in FORMATS:
-            self.format_combo.addItem(FORMAT_LABELS[fmt], fmt)
+        self._fill_formats(FORMATS)
         self.opset = QSpinBox()
         self._opset_range()
         self.dynamic = QCheckBox("Dynamic batch dimension")
@@ -178,7 +199,7 @@ class ExportDialog(QDialog):
         box.addWidget(self.result_view, 1)
         box.addWidget(self.buttons)
         self.format_combo.currentIndexChanged.connect(self._format_changed)
-        self.model_combo.currentIndexChanged.connect(lambda _i: self._suggest_path())
+        self.model_combo.currentIndexChanged.connect(lambda _i: self._model_changed())
         runner.progress.connect(self._on_progress)
         runner.finished.connect(self._on_finished)
         runner.failed.connect(self._on_failed)
@@ -201,7 +222,7 @@ class ExportDialog(QDialog):
             "" if has_data else "Static INT8 calibrates on data: open data first",
             Qt.ItemDataRole.ToolTipRole,
         )
-        self._format_changed()
+        self._model_changed()
         self._set_busy(False)
 
     def chosen_model(self) -> LoadedModel | None:
@@ -216,6 +237,37 @@ class ExportDialog(QDialog):
 
         self.opset.setRange(MIN_OPSET, MAX_OPSET)
         self.opset.setValue(DEFAULT_OPSET)
+
+    def _own_opset(self, model: LoadedModel | None) -> int:
+        """The opset ``model`` is exported with unless the user picks another (an ONNX
+        import's own, or the nearest one torch writes; the default for other models)."""
+        from studio.core.models.onnx_io import supported_opset
+
+        return supported_opset(model.onnx_opset if model is not None else None)[0]
+
+    def _fill_formats(self, order: tuple[str, ...]) -> None:
+        self.format_combo.blockSignals(True)
+        self.format_combo.clear()
+        for fmt in order:
+            self.format_combo.addItem(FORMAT_LABELS[fmt], fmt)
+        self.format_combo.setCurrentIndex(0)
+        self.format_combo.blockSignals(False)
+
+    def _model_changed(self) -> None:
+        """Offer the chosen model's own format first (chosen when the order changes), its
+        own opset and, for an ONNX import, its own dynamic dims."""
+        model = self.chosen_model()
+        order = format_order(model)
+        current = tuple(self.format_combo.itemData(i) for i in range(self.format_combo.count()))
+        if order != current:
+            self._fill_formats(order)
+        self.opset.setValue(self._own_opset(model))
+        own = model is not None and model.onnx_opset is not None
+        self.opset.setToolTip("the opset of the original ONNX file" if own else "")
+        self.dynamic.setText(dynamic_label(model))
+        axes = model.onnx_dynamic_axes if model is not None else None
+        self.dynamic.setEnabled(axes is None or bool(axes))
+        self._format_changed()
 
     def _format_changed(self, *_args: object) -> None:
         onnx = self.chosen_format() == "onnx"
@@ -278,7 +330,10 @@ class ExportDialog(QDialog):
         samples = data.x[:8] if data is not None and len(data) >= 2 else None
         options = {
             "original": original,
-            "opset": self.opset.value() if fmt == "onnx" else None,
+            # the model's own opset is left to export_model, which notes a changed one
+            "opset": self.opset.value()
+            if fmt == "onnx" and self.opset.value() != self._own_opset(model)
+            else None,
             "dynamic_batch": self.dynamic.isChecked(),
             "samples": samples,
             "plan": plan if model is not self.session.model else None,

@@ -32,7 +32,7 @@ from studio.core.cluster.connection import Compute
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, PauseToken, ProgressFn
-from studio.core.models.loaded import LoadedModel
+from studio.core.models.loaded import ONNX, LoadedModel
 from studio.core.models.pruned_file import save_model
 from studio.core.train.types import FinetuneResult, TrainRecord, history_csv
 from studio.ui import format as fmt
@@ -53,7 +53,8 @@ from studio.ui.widgets import charts
 from studio.ui.widgets.speed_line import SpeedLine
 
 BAR_STEPS = 1000
-MODEL_FILTER = "PyTorch model (*.pt);;torch.export program (*.pt2)"
+MODEL_FILTER = "PyTorch model (*.pt);;torch.export program (*.pt2);;ONNX model (*.onnx)"
+ONNX_FIRST = "ONNX model (*.onnx);;torch.export program (*.pt2);;PyTorch model (*.pt)"
 
 
 class TrainingPanel(QWidget):
@@ -273,9 +274,13 @@ class TrainingPanel(QWidget):
         return save_model(result.model, path, self.session.input_files())
 
     def _ask_save_model(self) -> None:
-        suggested = f"{charts.model_stem(self.session)}-finetuned.pt"
+        model = self.session.model
+        onnx = model is not None and model.kind == ONNX  # the model's own format first
+        suffix = ".onnx" if onnx else ".pt"
+        suggested = f"{charts.model_stem(self.session)}-finetuned{suffix}"
         title = "Save fine-tuned model"
-        path, _ = QFileDialog.getSaveFileName(self, title, suggested, MODEL_FILTER)
+        filters = ONNX_FIRST if onnx else MODEL_FILTER
+        path, _ = QFileDialog.getSaveFileName(self, title, suggested, filters)
         if not path:
             return
         try:
