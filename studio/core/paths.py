@@ -7,6 +7,7 @@ from pathlib import Path
 
 RESOURCES = Path(__file__).resolve().parents[2] / "resources"
 DEMO_WEIGHTS = RESOURCES / "demo_resnet20_digits.pt"
+DEMO_LM_DIR = RESOURCES / "demo-lm"
 
 
 def cache_dir() -> Path:
