@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,6 +23,7 @@ class EvalResult:
     agreement: float | None = None  # top-1 agreement with the reference model
     kl: float | None = None  # mean KL(reference || model) over samples
     cosine: float | None = None  # mean cosine similarity of output vectors
+    perplexity: float | None = None  # causal LMs: exp(mean next-token cross-entropy)
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -79,6 +81,8 @@ def evaluate(
     """
     if len(data) == 0:
         raise StudioError(f"data set {data.name} is empty")
+    if is_causal_lm(model):
+        return evaluate_lm(model, data, reference, progress=progress, cancel=cancel)
     if not data.labelled and reference is None:
         raise StudioError(
             f"{data.name} has no labels: give a reference model to measure fidelity against"
@@ -119,6 +123,85 @@ def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     )
     cosine = F.cosine_similarity(logits, reference, dim=1).mean()
     return {"agreement": agreement, "kl": float(kl), "cosine": float(cosine)}
+
+
+def is_causal_lm(model: object) -> bool:
+    """A language model whose output is next-token logits (studio.core.models.hf)."""
+    return getattr(model, "studio_task", None) == "causal-lm"
+
+
+LM_BATCH = 8
+
+
+def lm_losses(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    reference_logits: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sequence sums over the predicted positions of one batch of token ids: next-token
+    cross-entropy ("nll"), and with the reference's logits, top-1 agreement and
+    KL(reference || model)."""
+    logits = model(ids).float()[:, :-1]
+    target = ids[:, 1:]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+    )
+    out = {"nll": nll.view(target.shape).sum(1), "logits": logits}
+    if reference_logits is not None:
+        ref = reference_logits
+        out["agree"] = (logits.argmax(-1) == ref.argmax(-1)).float().sum(1)
+        out["kl"] = (
+            F.kl_div(
+                F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="none"
+            )
+            .sum(-1)
+            .sum(1)
+        )
+    return out
+
+
+def evaluate_lm(
+    model: torch.nn.Module,
+    data: DataSet,
+    reference: torch.nn.Module | None = None,
+    batch_size: int = LM_BATCH,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> EvalResult:
+    """Perplexity of a causal LM on token-id sequences (every position predicts the next
+    token); with ``reference``, next-token top-1 agreement and KL against it per token."""
+    if data.x.dtype not in (torch.int64, torch.int32):
+        raise StudioError(f"{data.name} is not text: a language model needs token ids")
+    device = default_device()
+    model = model.to(device).eval()
+    if reference is not None:
+        reference = reference.to(device).eval()
+    n = len(data)
+    sums = {"nll": 0.0, "agree": 0.0, "kl": 0.0}
+    positions = 0
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            check(cancel)
+            ids = data.x[start : start + batch_size].to(device)
+            ref = None if reference is None else reference(ids).float()[:, :-1]
+            try:
+                out = lm_losses(model, ids, ref)
+            except Exception as exc:  # a vocabulary or length the model does not take
+                raise StudioError(
+                    f"the model cannot run on {data.name} (tokens {tuple(ids.shape)}): "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
+            for key in sums:
+                if key in out:
+                    sums[key] += float(out[key].sum())
+            positions += ids.shape[0] * (ids.shape[1] - 1)
+            report(progress, min(start + batch_size, n) / n, f"{min(start + batch_size, n)}/{n}")
+    loss = sums["nll"] / max(1, positions)
+    result: dict[str, float | None] = {"loss": loss, "perplexity": float(math.exp(min(loss, 50)))}
+    if reference is not None:
+        result["agreement"] = sums["agree"] / max(1, positions)
+        result["kl"] = sums["kl"] / max(1, positions)
+    return EvalResult(samples=n, **result)
 
 
 def _slice(progress: ProgressFn | None, start: float, end: float) -> ProgressFn | None:

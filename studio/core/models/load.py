@@ -12,9 +12,9 @@ import torch
 
 from studio.core.errors import StudioError
 from studio.core.jobs import ProgressFn
-from studio.core.models import loaders, zoo
+from studio.core.models import hf, loaders, zoo
 from studio.core.models.loaded import EAGER, LoadedModel
-from studio.core.paths import DEMO_WEIGHTS
+from studio.core.paths import DEMO_LM_DIR, DEMO_WEIGHTS
 
 
 def load_model(
@@ -29,11 +29,16 @@ def load_model(
     ``progress`` hears of each step of loading (an ONNX file's conversion and checks)."""
     if spec == "demo":
         return load_demo()
+    if spec == "demo-lm" or Path(spec).is_dir():
+        return _load_folder(spec, input_shape, trust_pickle, progress)
     if spec.startswith("zoo:"):
         name = spec[4:]
         shape = input_shape or zoo.default_input_shape(name)
         module = zoo.build(name, input_shape=shape, num_classes=num_classes)
         return LoadedModel(module.eval(), f"{name} (random weights)", spec, EAGER, shape, arch=name)
+    missing = hf.not_local(spec) if not Path(spec).exists() else None
+    if missing is not None:
+        raise missing
     return loaders.load_file(
         Path(spec),
         arch=arch,
@@ -42,6 +47,33 @@ def load_model(
         num_classes=num_classes,
         progress=progress,
     )
+
+
+def _load_folder(
+    spec: str,
+    input_shape: tuple[int, ...] | None,
+    trust: bool,
+    progress: ProgressFn | None,
+) -> LoadedModel:
+    """A Hugging Face model folder (``demo-lm``: the bundled Llama-style demo)."""
+    folder = DEMO_LM_DIR if spec == "demo-lm" else Path(spec)
+    if spec == "demo-lm" and not (folder / "config.json").is_file():
+        raise StudioError(f"demo LM missing: {folder} (run packaging/train_demo_lm.py)")
+    if not hf.is_hf_folder(folder):
+        raise StudioError(
+            f"{folder} is a folder without config.json: a Hugging Face model folder holds "
+            "config.json and *.safetensors"
+        )
+    loaded = hf.load_hf(
+        folder,
+        trust=trust,
+        input_shape=input_shape,
+        progress=progress,
+        name="demo LM (Llama-style, GQA)" if spec == "demo-lm" else None,
+    )
+    if spec == "demo-lm":
+        loaded.spec = "demo-lm"
+    return loaded
 
 
 def load_demo() -> LoadedModel:

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,8 +20,10 @@ from studio.core.errors import StudioError, first_line
 
 # kinds of loaded model, and the operations each cannot do
 EAGER, TORCHSCRIPT, EXPORTED, ONNX = "eager", "torchscript", "exported", "onnx"
+HUGGINGFACE = "huggingface"  # a transformers model from a local folder (studio.core.models.hf)
 UNSUPPORTED: dict[str, dict[str, str]] = {
     EAGER: {},
+    HUGGINGFACE: {},
     ONNX: {},
     TORCHSCRIPT: {
         "structural pruning": "a TorchScript module has a frozen graph that cannot be re-traced "
@@ -54,6 +57,11 @@ class LoadedModel:
     # its ai.onnx opset, and per input/output name its dynamic dims (index -> symbolic name)
     onnx_opset: int | None = None
     onnx_dynamic_axes: dict[str, dict[int, str]] | None = None
+    # Hugging Face models: token ids in (vocab_size), what comes out (task: causal-lm,
+    # embedding, classifier, vision) and the folder's tokenizer
+    vocab_size: int | None = None
+    task: str | None = None
+    tokenizer: Any = None
 
     @property
     def unsupported(self) -> dict[str, str]:
@@ -81,7 +89,14 @@ class LoadedModel:
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         shape = (batch, *self.input_shape[1:])
-        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        if self.vocab_size:  # token ids
+            return torch.randint(0, self.vocab_size, shape, generator=generator)
+        return torch.randn(*shape, generator=generator)
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocab_size is not None
 
     def fingerprint(self) -> str:
         """Hash of architecture and weights, used to key caches and to tie plans to a model."""

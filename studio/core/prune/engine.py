@@ -26,10 +26,11 @@ from studio.core.models import graph
 from studio.core.models.data import DataSet
 from studio.core.models.evaluate import EvalResult, evaluate
 from studio.core.models.inventory import layer_rows, trace_layers
-from studio.core.models.loaded import EAGER, ONNX, LoadedModel
+from studio.core.models.loaded import EAGER, HUGGINGFACE, ONNX, LoadedModel
 from studio.core.models.pruned_file import save_model
 from studio.core.plan.costs import BLOCK_REMOVED
 from studio.core.plan.plan import NEEDS_DATA, PruningPlan
+from studio.core.prune import hf_prune
 from studio.core.prune import structured as prune_structured
 from studio.core.prune import weights as prune_weights
 from studio.core.prune.bn_calibration import (
@@ -99,6 +100,8 @@ def prune_targets(model: LoadedModel, method: str) -> list[str]:
     (structured), weight-owning layers (unstructured, nm) or residual blocks (blocks)."""
     _check_kind(model, method)
     module = model.module
+    if model.kind == HUGGINGFACE:
+        return hf_prune.hf_targets(module, method)
     if method in ("unstructured", "nm"):
         return prune_weights.weight_targets(module, method)
     copied = copy.deepcopy(module).eval()  # traced with hooks; blocks are swapped in and out
@@ -124,7 +127,12 @@ def prune(
     """
     start = time.monotonic()
     _check_kind(model, plan.method)
-    if plan.criterion in NEEDS_DATA and data is None and plan.method != "blocks":
+    if (
+        plan.criterion in NEEDS_DATA
+        and data is None
+        and plan.method != "blocks"
+        and model.kind != HUGGINGFACE  # chosen by weight magnitude without data
+    ):
         raise StudioError(f"the {plan.criterion} criterion needs data: give --data")
     report(progress, 0.0, "copying the model")
     # the loaded model is only copied: hooks and traces go on the copy, so jobs that run on
@@ -139,7 +147,10 @@ def prune(
     step = sub_progress(progress, 0.05, 0.6 if data is not None else 0.9)
     kept: dict[str, list[int]] = {}  # output channels each layer kept (structured)
     original: nn.Module | None = None  # a copy of the unpruned module, made when needed
-    if plan.method == "structured":
+    if model.kind == HUGGINGFACE:
+        plan.check_model(model.fingerprint(), set(hf_prune.hf_targets(module, plan.method)))
+        skipped, notes = hf_prune.apply_hf_plan(module, plan, data, step, cancel)
+    elif plan.method == "structured":
         traced = prune_structured.trace(module, x)
         plan.check_model(model.fingerprint(), {info.root for info, _ in traced[1]})
         skipped, notes = prune_structured.prune_structured(
@@ -202,6 +213,9 @@ def prune(
         output_names=model.output_names,
         onnx_opset=model.onnx_opset,
         onnx_dynamic_axes=model.onnx_dynamic_axes,
+        vocab_size=model.vocab_size,
+        task=model.task,
+        tokenizer=model.tokenizer,
     )
     report(progress, 1.0, "done")
     return PruneResult(
@@ -233,7 +247,12 @@ def save_pruned(result: PruneResult, path: str | Path, protected: tuple[Path, ..
 
 
 def _check_kind(model: LoadedModel, method: str) -> None:
-    if model.kind not in (EAGER, ONNX):
+    if model.kind == HUGGINGFACE and method not in ("structured", "blocks"):
+        raise StudioError(
+            f"{method} pruning of transformers is not built: use structured (heads and MLP "
+            "neurons) or blocks (whole layers)"
+        )
+    if model.kind not in (EAGER, ONNX, HUGGINGFACE):
         reason = model.unsupported.get("structural pruning", "")
         raise StudioError(
             f"{method} pruning needs an eager or ONNX-imported model, and {model.name} is a "
