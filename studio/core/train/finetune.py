@@ -39,7 +39,7 @@ from torch import nn
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, PauseToken, ProgressFn, check, report
 from studio.core.models.data import DataSet
-from studio.core.models.evaluate import default_device, predict
+from studio.core.models.evaluate import default_device, evaluate_lm, predict
 from studio.core.models.loaded import LoadedModel
 from studio.core.train import checkpoint as ckpt
 from studio.core.train.gradual import GradualPruner
@@ -103,13 +103,23 @@ class FinetuneJob:
                 raise StudioError(
                     f"the {what} data {data.name} has no labels: give a teacher to distil from"
                 )
-        if teacher is not None and teacher.kind not in ("eager", "onnx", "torchscript", "exported"):
+        kinds = ("eager", "onnx", "torchscript", "exported", "huggingface")
+        if teacher is not None and teacher.kind not in kinds:
             raise StudioError(f"cannot use {teacher.name} as a teacher")
         self._pruner = GradualPruner(gradual, student, train) if gradual is not None else None
         self.student, self.train, self.val, self.teacher = student, train, val, teacher
         self.gradual = gradual
         self.checkpoint_dir = ckpt.prepare_folder(Path(checkpoint_dir)) if checkpoint_dir else None
-        self.metric = "accuracy" if val.labelled else "agreement"
+        task = student.task
+        self.metric = (
+            "perplexity"
+            if task == "causal-lm"
+            else "cosine"
+            if task == "embedding"
+            else "accuracy"
+            if val.labelled
+            else "agreement"
+        )
         self.steps_per_epoch = len(train) // self.settings.batch_size + (
             1 if len(train) % self.settings.batch_size > 1 else 0
         )
@@ -119,6 +129,7 @@ class FinetuneJob:
         self.teacher_metrics: dict[str, float | None] = {}
         self.resumed_from = 0
         self.result: FinetuneResult | None = None
+        self._teacher_module: nn.Module | None = None
         self._fingerprint = student.fingerprint()
         self._load_last()
 
@@ -160,8 +171,14 @@ class FinetuneJob:
             teacher = teacher.to(device) if hasattr(teacher, "to") else teacher
             for p in getattr(teacher, "parameters", lambda: [])():
                 p.requires_grad_(False)
+        self._teacher_module = teacher
         self._check_outputs(module, teacher, self.train.x[:2].to(device))
-        val_ref = predict(teacher, self.val, device=device, cancel=cancel) if teacher else None
+        text = self.student.task in ("causal-lm", "embedding")
+        val_ref = (
+            predict(teacher, self.val, device=device, cancel=cancel)
+            if teacher is not None and self.student.task != "causal-lm"
+            else None
+        )
         if val_ref is not None and self.val.labelled:
             self.teacher_metrics = val_metrics(val_ref, self.val, None)
         pruner = self._pruner
@@ -212,7 +229,7 @@ class FinetuneJob:
                     optimizer = make_optimizer(module, self.settings)
                 tick = time.perf_counter()
                 idx = order[i * s.batch_size : (i + 1) * s.batch_size].to(device)
-                xb = augment(x_all[idx], s, generator, background)
+                xb = x_all[idx] if text else augment(x_all[idx], s, generator, background)
                 yb = y_all[idx] if y_all is not None else None
                 lr = base_lr * lr_factor(s, step, self.steps_per_epoch)
                 loss = train_step(module, teacher, optimizer, masks, xb, yb, lr, s)
@@ -294,6 +311,11 @@ class FinetuneJob:
         device: torch.device,
         cancel: CancelToken | None,
     ) -> dict[str, float | None]:
+        if self.student.task == "causal-lm":
+            result = evaluate_lm(module, self.val, self._teacher_module, cancel=cancel)
+            module.to(device)
+            return {"perplexity": result.perplexity, "loss": result.loss,
+                    "agreement": result.agreement, "accuracy": None}  # fmt: skip
         logits = predict(module, self.val, device=device, cancel=cancel)
         return val_metrics(logits, self.val, val_ref)
 
@@ -394,4 +416,8 @@ class FinetuneJob:
             stopped_early=stopped,
             resumed_from=self.resumed_from,
             teacher_accuracy=self.teacher_metrics.get("accuracy"),
+            perplexity_before=self.before.get("perplexity"),
+            perplexity_after=after.get("perplexity"),
+            cosine_before=self.before.get("cosine"),
+            cosine_after=after.get("cosine"),
         )

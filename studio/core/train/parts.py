@@ -51,6 +51,7 @@ def val_metrics(
     if reference is not None:
         fid = fidelity(logits, reference)
         out["agreement"] = fid["agreement"]
+        out["cosine"] = fid["cosine"]
         if val.y is None:
             out["loss"] = fid["kl"]
     return out
@@ -96,6 +97,9 @@ def batch_loss(
 ) -> torch.Tensor:
     """:func:`training_loss` of the model (``forward``) on one batch, with the teacher's
     outputs as the reference when there is a teacher."""
+    task = getattr(forward, "studio_task", None)
+    if task in ("causal-lm", "embedding"):
+        return text_loss(forward, teacher, xb, settings, task)
     xb = standard_layout(xb)  # never NHWC by accident: see studio.core.models.memory_format
     out = logits_of(forward(xb))
     if teacher is None:
@@ -103,6 +107,45 @@ def batch_loss(
     with torch.no_grad():
         ref = logits_of(teacher(xb))
     return training_loss(out, yb, ref, settings)
+
+
+def text_loss(
+    forward: Callable[[torch.Tensor], Any],
+    teacher: nn.Module | None,
+    ids: torch.Tensor,
+    settings: FinetuneSettings,
+    task: str,
+) -> torch.Tensor:
+    """A causal LM: ``(1 - w) * CE(next token) + w * T^2 * KL(teacher || student)`` per
+    predicted position (w = distill_weight with a teacher, else 0). An encoder: ``1 - cosine``
+    of its pooled embedding to the teacher's (there is nothing else to learn from)."""
+    out = forward(ids).float()
+    if task == "embedding":
+        if teacher is None:
+            raise StudioError("an encoder is fine-tuned by distillation: give a teacher")
+        with torch.no_grad():
+            ref = teacher(ids).float()
+        return (1.0 - F.cosine_similarity(out, ref, dim=-1)).mean()
+    logits = out[:, :-1]
+    vocab = logits.shape[-1]
+    weight = settings.distill_weight if teacher is not None else 0.0
+    loss = logits.new_zeros(())
+    if weight < 1.0:
+        target = ids[:, 1:].reshape(-1)
+        loss = loss + (1.0 - weight) * F.cross_entropy(logits.reshape(-1, vocab), target)
+    if weight > 0.0:
+        assert teacher is not None
+        with torch.no_grad():
+            ref = teacher(ids).float()[:, :-1]
+        t = settings.distill_temperature
+        kd = F.kl_div(
+            F.log_softmax(logits.reshape(-1, vocab) / t, -1),
+            F.log_softmax(ref.reshape(-1, vocab) / t, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss = loss + weight * t * t * kd
+    return loss
 
 
 def train_step(
@@ -194,8 +237,16 @@ def logits_of(out: Any) -> torch.Tensor:
 LOSS_TOLERANCE = 1e-5  # a tie in the metric is broken by a validation loss lower than this
 
 
+LOWER_IS_BETTER = ("perplexity",)
+
+
 def better(new: dict[str, Any], old: dict[str, Any], metric: str) -> bool:
-    """Higher metric, or the same metric and a validation loss lower by more than noise."""
+    """Higher metric (lower perplexity), or the same metric and a validation loss lower by
+    more than noise."""
+    if metric in LOWER_IS_BETTER:
+        a, b = new.get(metric) or math.inf, old.get(metric) or math.inf
+        if abs(a - b) > 1e-9:
+            return a < b
     a, b = new.get(metric) or 0.0, old.get(metric) or 0.0
     if abs(a - b) > 1e-9:
         return a > b
@@ -225,6 +276,8 @@ def epoch_record(
         val_accuracy=metrics.get("accuracy"),
         val_loss=metrics.get("loss"),
         agreement=metrics.get("agreement"),
+        perplexity=metrics.get("perplexity"),
+        cosine=metrics.get("cosine"),
         is_best=is_best,
         ratio_scale=ratio_scale,
     )

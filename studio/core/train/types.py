@@ -157,6 +157,8 @@ class TrainRecord:
     agreement: float | None = None
     is_best: bool = False
     ratio_scale: float | None = None  # gradual pruning: fraction of the final plan applied
+    perplexity: float | None = None  # language models: validation perplexity
+    cosine: float | None = None  # encoders: cosine of the embedding to the teacher's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,6 +189,10 @@ class FinetuneResult:
     stopped_early: bool = False
     resumed_from: int = 0  # epochs already done in the checkpoint this run continued
     teacher_accuracy: float | None = None  # the teacher on the labelled validation data
+    perplexity_before: float | None = None  # language models
+    perplexity_after: float | None = None
+    cosine_before: float | None = None  # encoders: cosine of the embedding to the teacher's
+    cosine_after: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,6 +213,10 @@ class FinetuneResult:
             "stopped_early": self.stopped_early,
             "resumed_from": self.resumed_from,
             "teacher_accuracy": self.teacher_accuracy,
+            "perplexity_before": self.perplexity_before,
+            "perplexity_after": self.perplexity_after,
+            "cosine_before": self.cosine_before,
+            "cosine_after": self.cosine_after,
             "notes": list(self.notes),
         }
 
