@@ -24,7 +24,8 @@ in-memory model (at two batch sizes when the batch is dynamic; see
 against the model's. Only a file that passes is renamed into place; input files are never
 overwritten. For ONNX, the file's ONNX Runtime latency (batch 1, median) is measured beside the
 original (unpruned) model's. Types: :mod:`studio.core.export.types`; the writers:
-:mod:`studio.core.export.writers`.
+:mod:`studio.core.export.writers`. Hugging Face text models (token ids in) go to ONNX through
+:mod:`studio.core.export.hf_onnx` (dynamic batch and sequence; no latency measured here).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from studio.core.export.writers import Exporter, refuse_protected
 from studio.core.jobs import CancelToken, ProgressFn, check, report
 from studio.core.models import onnx_io as export_onnx
 from studio.core.models import zoo
-from studio.core.models.loaded import EAGER, LoadedModel
+from studio.core.models.loaded import EAGER, HUGGINGFACE, LoadedModel
 
 __all__ = ["FORMATS", "SUFFIXES", "ExportResult", "export_model", "unpruned_architecture"]
 SAMPLES = 4  # default number of random sample inputs
@@ -97,6 +98,10 @@ def export_model(
         export_onnx.check_opset(opset)
     protected = (*protected, *_sources(model), *(_sources(original) if original else ()))
     refuse_protected(path, protected)
+    if fmt == "onnx" and model.kind == HUGGINGFACE and model.is_text:  # token ids in
+        from studio.core.export.hf_onnx import export_result
+
+        return export_result(model, path, opset, protected, progress, cancel)
     module = model.module.eval()
     x = _samples(model, samples, dynamic_batch)
     exporter = Exporter(model, fmt, path, x, dynamic_batch, protected)
