@@ -44,14 +44,22 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--model",
         required=required,
         metavar="SPEC",
-        help="'demo', 'zoo:NAME' or a model file (.pt .pth .pt2 .onnx)",
+        help="'demo', 'demo-lm', 'zoo:NAME', a model file (.pt .pth .pt2 .onnx) or a Hugging "
+        "Face model folder (config.json + *.safetensors)",
     )
     p.add_argument("--arch", metavar="NAME", help="architecture of a state_dict file")
     p.add_argument("--input-shape", metavar="S", help="input shape, e.g. 1,3,32,32")
     p.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow a pickled model file to run code while loading (trusted files only)",
+        help="allow a pickled model file, or a model folder's own code, to run while loading "
+        "(trusted files only)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        metavar="N",
+        help="tokens per sequence for language models and text data (default 128)",
     )
 
 
@@ -60,23 +68,31 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--data",
         required=required,
         metavar="SPEC",
-        help="'demo', an image folder (one subfolder per class) or an .npz (x, y)",
+        help="'demo', an image folder (one subfolder per class), an .npz (x, y); for a language "
+        "model 'demo-lm' or a .txt/.jsonl text file",
     )
     p.add_argument("--image-size", metavar="HxW", help="resize images of a folder, e.g. 32x32")
     p.add_argument("--unlabeled", action="store_true", help="ignore labels (fidelity only)")
 
 
 def load_model_arg(args: argparse.Namespace, spec: str | None = None):
+    from pathlib import Path
+
     from studio.core.models.load import load_model
     from studio.core.models.loaded import parse_shape
 
     progress = TerminalProgress("loading")
     progress(0.0, spec or args.model)
     given = parse_shape(args.input_shape)
+    name = spec or args.model
+    seq_len = getattr(args, "seq_len", None)
+    if seq_len is not None and given is None and (name == "demo-lm" or Path(name).is_dir()):
+        given = (1, seq_len)
     try:
         model = load_model(
-            spec or args.model, arch=args.arch, input_shape=given, trust_pickle=args.trust_pickle
-        )
+            name, arch=args.arch, input_shape=given, trust_pickle=args.trust_pickle,
+            progress=progress,
+        )  # fmt: skip
     except StudioError as exc:  # a model with dynamic inputs: the data says what they are
         shape = None if given or spec else _shape_from_data(args, str(exc))
         if shape is None:
@@ -88,6 +104,8 @@ def load_model_arg(args: argparse.Namespace, spec: str | None = None):
     progress(1.0, "")
     for note in model.notes:
         print(f"note: {note}", file=sys.stderr)
+    if spec is None:
+        args._loaded_model = model  # text data is tokenized with its tokenizer
     return model
 
 
@@ -108,12 +126,43 @@ def load_data_arg(args: argparse.Namespace):
     cached = getattr(args, "_loaded_data", None)
     if cached is not None:
         return cached
+    text = _text_data(args)
+    if text is not None:
+        args._loaded_data, args._calibration = text.validation, text.calibration
+        return text.validation
     size = parse_shape(args.image_size) if args.image_size else None
     if size is not None and len(size) != 2:
         raise StudioError(f"--image-size takes HxW, got {args.image_size}")
     data = load_data(args.data, image_size=size, unlabeled=args.unlabeled)  # type: ignore[arg-type]
     args._loaded_data = data
     return data
+
+
+def _text_data(args: argparse.Namespace):  # -> TextSplits | None
+    """``--data`` as text for a language model: ``demo-lm`` (the demo LM's corpus) or a
+    .txt/.jsonl file, tokenized with the model's tokenizer (cached)."""
+    from studio.core.models.text import DEFAULT_SEQ_LEN, is_text_file, load_text_data
+    from studio.core.paths import DEMO_LM_DIR
+
+    spec = args.data
+    if spec != "demo-lm" and not is_text_file(spec):
+        return None
+    model = getattr(args, "_loaded_model", None)
+    if model is None or not model.is_text:
+        raise StudioError(
+            f"--data {spec} is text: it goes with a language model from a Hugging Face folder "
+            "(--model DIR or demo-lm)"
+        )
+    path = DEMO_LM_DIR / "corpus.txt" if spec == "demo-lm" else spec
+    seq_len = getattr(args, "seq_len", None) or int(model.input_shape[-1]) or DEFAULT_SEQ_LEN
+    return load_text_data(
+        path, model.tokenizer, seq_len, name="demo-lm corpus" if spec == "demo-lm" else None
+    )
+
+
+def calibration_arg(args: argparse.Namespace):  # -> DataSet | None
+    """The calibration split of text ``--data`` (read by load_data_arg), else None."""
+    return getattr(args, "_calibration", None)
 
 
 def existing_path(spec: str | None):

@@ -16,10 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from studio.cli import hf
 from studio.cli.common import (
     TerminalProgress,
     add_data_args,
     add_model_args,
+    calibration_arg,
     existing_path,
     load_data_arg,
     load_model_arg,
@@ -110,8 +112,11 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse contradictory or incomplete arguments before loading anything."""
-    if Path(args.out).suffix.lower() not in MODEL_SUFFIXES:
-        raise StudioError(f"--out must end in .pt, .pth, .pt2 or .onnx, got {args.out}")
+    if Path(args.out).suffix.lower() not in (*MODEL_SUFFIXES, ""):
+        raise StudioError(
+            f"--out must end in .pt, .pth, .pt2 or .onnx (a transformer: a folder or .onnx), "
+            f"got {args.out}"
+        )
     if args.history and not args.history.lower().endswith(".csv"):
         raise StudioError(f"--history must end in .csv, got {args.history}")
     if args.gradual and not args.recipe:
@@ -151,14 +156,14 @@ def _same(out: Path, spec: str) -> bool:
     return path.exists() and out.resolve() == path.resolve()
 
 
-def _settings(args: argparse.Namespace):  # -> FinetuneSettings
+def _settings(args: argparse.Namespace, text: bool = False):  # -> FinetuneSettings
     from studio.core.train.finetune import FinetuneSettings
 
     given = {field: getattr(args, opt) for opt, field in SETTINGS.items()}
     given = {k: v for k, v in given.items() if v is not None}
     if args.flips:
         given["flips"] = True
-    return FinetuneSettings(**given)
+    return FinetuneSettings.for_text(**given) if text else FinetuneSettings(**given)
 
 
 def _datasets(args: argparse.Namespace):  # -> (train, val)
@@ -166,6 +171,9 @@ def _datasets(args: argparse.Namespace):  # -> (train, val)
     from studio.core.train.finetune import holdout_split
 
     data = load_data_arg(args)
+    calibration = calibration_arg(args)
+    if calibration is not None:  # text: train on the calibration split, validate on the rest
+        return calibration, data
     if args.val_data:
         return data, load_data(args.val_data, unlabeled=args.unlabeled)
     if args.data == "demo:train":
@@ -190,7 +198,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     model = load_model_arg(args)
     from studio.core.models.pruned_file import check_destination
 
-    check_destination(model, args.out)
+    if hf.is_hf(model):
+        hf.check_out(args.out)
+        settings = _settings(args, text=True)
+    else:
+        check_destination(model, args.out)
     train, val = _datasets(args)
     teacher = load_model_arg(args, args.teacher) if args.teacher else None
     if args.ray is not None:
@@ -218,7 +230,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     inputs += (teacher.path if teacher is not None else None,)
     protected = tuple(p for p in inputs if p)
-    save_model(result.model, args.out, protected)
+    if hf.is_hf(result.model):
+        hf.save(result.model, args.out, protected)
+    else:
+        save_model(result.model, args.out, protected)
     if args.history:
         write_atomic(args.history, history_csv(result.history), protected + (Path(args.out),))
     summary = dict(result.to_dict(), out=args.out, history=args.history)
@@ -235,6 +250,10 @@ def _epoch_line(record, epochs: int) -> str:  # record: TrainRecord
     parts = [f"epoch {record.epoch:g}/{epochs}: loss {record.loss:.4f}"]
     if record.val_accuracy is not None:
         parts.append(f"val accuracy {record.val_accuracy:.4f}")
+    if record.perplexity is not None:
+        parts.append(f"val perplexity {record.perplexity:.3f}")
+    if record.cosine is not None:
+        parts.append(f"cosine {record.cosine:.4f}")
     if record.agreement is not None:
         parts.append(f"agreement {record.agreement:.4f}")
     if record.ratio_scale is not None:
@@ -243,7 +262,7 @@ def _epoch_line(record, epochs: int) -> str:  # record: TrainRecord
 
 
 def _print_summary(summary: dict) -> None:
-    for key in ("accuracy", "agreement", "loss"):
+    for key in ("accuracy", "perplexity", "cosine", "agreement", "loss"):
         before, after = summary[f"{key}_before"], summary[f"{key}_after"]
         if before is not None and after is not None:
             print(f"  {key:<10} {before:.4f} -> {after:.4f}")

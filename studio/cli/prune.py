@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from studio.cli import hf
 from studio.cli.common import (
     TerminalProgress,
     add_data_args,
@@ -131,8 +132,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.criterion in NEEDS_DATA and not args.data:
         why = "its gradient pass" if args.criterion == "taylor" else "measuring activations"
         raise StudioError(f"the {args.criterion} criterion needs data for {why}: give --data")
-    if Path(args.out).suffix.lower() not in MODEL_SUFFIXES:
-        raise StudioError(f"--out must end in .pt, .pth, .pt2 or .onnx, got {args.out}")
+    if Path(args.out).suffix.lower() not in (*MODEL_SUFFIXES, ""):
+        raise StudioError(
+            f"--out must end in .pt, .pth, .pt2 or .onnx (a transformer: a folder or .onnx), "
+            f"got {args.out}"
+        )
     if args.recipe_out and Path(args.recipe_out).suffix.lower() not in RECIPE_SUFFIXES:
         raise StudioError(f"--recipe-out must end in .yaml or .json, got {args.recipe_out}")
 
@@ -272,6 +276,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         PruningPlan.load(args.recipe)
     model = load_model_arg(args)
     data = load_data_arg(args) if args.data else None
+    if hf.is_hf(model):
+        return _prune_hf(args, model, data)
     check_destination(model, args.out)
     plan = _plan(args, model, data)
     if not plan.active():
@@ -327,6 +333,40 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_hf(args: argparse.Namespace, model, data) -> int:
+    """``studio prune`` of a transformer: head groups and MLP neurons (or whole layers)."""
+    from studio.core.plan.plan import PruningPlan
+    from studio.core.prune.engine import prune
+
+    hf.check_out(args.out)
+    plan = PruningPlan.load(args.recipe) if args.recipe else hf.plan(args, model, data)
+    if not plan.active():
+        raise StudioError("the plan prunes nothing: every ratio is 0")
+    result = prune(model, plan, data, progress=TerminalProgress("pruning"))
+    protected = hf.protected_inputs(args, model) + tuple(
+        p for p in (existing_path(args.recipe),) if p
+    )
+    hf.save(result.model, args.out, protected)
+    if args.recipe_out:
+        plan.save(args.recipe_out, protected + (Path(args.out),))
+    summary = dict(result.to_dict(), out=args.out, recipe_out=args.recipe_out)
+    summary["targets"] = len(plan.active())
+    summary["target"] = dict(plan.target)
+    speed = None if args.no_speed_check else hf.speed(model, result.model, args.threads)
+    summary["speed_check"] = speed
+    if args.json:
+        summary.pop("shapes")
+        print(json.dumps(summary))
+        return 0
+    _print_summary(result, summary)
+    if speed:
+        print(
+            f"  speed        prefill {speed['prefill_speedup']:.2f}x, decode "
+            f"{speed['decode_speedup']:.2f}x faster (torch, {speed['threads']} thread(s), batch 1)"
+        )
+    return 0
+
+
 def _print_summary(result, summary: dict) -> None:
     def change(before: float, after: float) -> str:
         return f"{before:,} -> {after:,} ({after / max(before, 1):.1%})"
@@ -339,7 +379,7 @@ def _print_summary(result, summary: dict) -> None:
     print(f"  sparsity     {result.sparsity:.1%}, compression {result.compression:.2f}x")
     before, after = result.quality_before, result.quality_after
     if before is not None and after is not None:
-        for key in ("accuracy", "loss", "agreement"):
+        for key in ("accuracy", "perplexity", "loss", "agreement", "cosine"):
             b, a = getattr(before, key), getattr(after, key)
             if b is not None and a is not None:
                 print(f"  {key:<12} {b:.4f} -> {a:.4f}")

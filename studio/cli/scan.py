@@ -8,10 +8,12 @@ import json
 import sys
 import time
 
+from studio.cli import hf
 from studio.cli.common import (
     TerminalProgress,
     add_data_args,
     add_model_args,
+    calibration_arg,
     existing_path,
     load_data_arg,
     load_model_arg,
@@ -61,6 +63,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     model = load_model_arg(args)
     data = load_data_arg(args)
+    if hf.is_hf(model):  # heads, MLP neurons and layers
+        return _scan_hf(args, model, data)
     metric = args.metric or (
         "loss" if args.method == "taylor" else "accuracy" if data.labelled else "fidelity"
     )
@@ -136,6 +140,21 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if job.ray_stats is not None:
         stats = job.ray_stats
         print(f"ran on {stats.where} with {stats.workers} worker{'s' * (stats.workers > 1)}")
+    return 0
+
+
+def _scan_hf(args: argparse.Namespace, model, data) -> int:
+    from studio.core.files import write_atomic
+
+    if args.out and not args.out.lower().endswith((".csv", ".json")):
+        raise StudioError(f"--out must end in .csv or .json, got {args.out}")
+    report = hf.scan(args, model, data, use_cache=not args.no_cache)
+    if args.out:
+        text = (
+            report.to_csv() if args.out.lower().endswith(".csv") else json.dumps(report.to_dict())
+        )
+        write_atomic(args.out, text, hf.protected_inputs(args, model))
+    hf.print_scan(report, model, calibration_arg(args) or data, args.json)
     return 0
 
 

@@ -10,7 +10,7 @@ import csv
 import io
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from studio.core.errors import StudioError
 from studio.core.models.loaded import LoadedModel
@@ -52,6 +52,24 @@ class FinetuneSettings:
     device: str = "auto"
     log_every_steps: int | None = None  # None: about 12 step records per epoch
     threads: int | None = None  # CPU threads for torch (None: every core)
+
+    # language models: AdamW at a small rate, batches of sequences, distillation at T=1
+    # (the teacher's next-token distribution itself), no image augmentation
+    TEXT_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "optimizer": "adamw",
+        "lr": 3e-4,
+        "batch_size": 16,
+        "weight_decay": 0.01,
+        "augment": "none",
+        "distill_temperature": 1.0,
+        "distill_weight": 0.5,
+        "epochs": 3,
+    }
+
+    @classmethod
+    def for_text(cls, **given: Any) -> FinetuneSettings:
+        """Settings for a transformer on text: TEXT_DEFAULTS where ``given`` says nothing."""
+        return cls(**{**cls.TEXT_DEFAULTS, **given})
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
