@@ -106,10 +106,13 @@ class LMComparison:
         text = f"prefill {self.prefill_speedup:.2f}x"
         if self.decode_speedup is not None:
             text += f", decode {self.decode_speedup:.2f}x"
-        return f"{text} ({self.after.backend}, {self.after.threads} threads, interleaved)"
+        threads = self.after.threads
+        return f"{text} faster ({self.after.backend}, {threads} thread{'s' * (threads != 1)})"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Both measurements and the speed-ups, with the conditions they share at the top."""
+        shared = {k: getattr(self.after, k) for k in ("backend", "threads", "batch", "prompt_len")}
+        return {**asdict(self), **shared}
 
 
 def measure_lm_latency(
