@@ -34,8 +34,9 @@ which is the case when every layer has the same sizes AND:
   bigger heads, not fewer: ``num_attention_heads`` keeps the original count there and the real
   head counts go into ``studio_layers``.
 
-Everything else (layers of different sizes, the cases above, GPT-2 with
-``scale_attn_by_inverse_layer_idx`` after a layer was dropped) reloads only through
+(GPT-2 with ``scale_attn_by_inverse_layer_idx`` keeps reloading after a layer is dropped: the
+layers that move take their new index's scaling and fold the difference into their queries.)
+Everything else (layers of different sizes, the cases above) reloads only through
 :func:`load_pretrained`, which builds the model from its config, shrinks each layer to the listed
 sizes (:func:`reshape_to_config`) and then lets transformers load the safetensors into it, with
 every key required to match. Vanilla ``from_pretrained`` on such a folder fails on the mismatched
@@ -449,12 +450,6 @@ def reshape_to_config(model: nn.Module) -> None:
             keep_head_groups(model, i, range(kv))
         if inner < block.intermediate:
             keep_neurons(model, i, range(inner))
-    scaling = sizes.get("attn_scaling")
-    if scaling is not None:
-        if len(scaling) != n:
-            raise StudioError(f"config.{STUDIO_LAYERS}['attn_scaling'] must list {n} values")
-        for layer, value in zip(layers, scaling, strict=True):
-            submodule(layer, layout.core).scaling = float(value)
 
 
 def _post_init_reshaped(self: nn.Module) -> None:
@@ -493,8 +488,9 @@ def load_pretrained(
 
     A config without ``studio_layers`` goes through vanilla ``from_pretrained``. One with it is
     built from the config, shrunk by :func:`reshape_to_config` and loaded by the same machinery
-    (key renames, tied weights, shards), strictly: a missing weight is an error, not a freshly
-    initialised tensor. Either way a weight of another shape is an error (transformers raises).
+    (key renames, tied weights, shards), strictly: a missing weight of a layer is an error, not
+    a freshly initialised tensor. Either way a weight of another shape is an error (transformers
+    raises).
 
     ``model_class`` is a concrete class (``LlamaForCausalLM``) or an Auto class; by default the
     config's ``architectures``. Folder code (``auto_map``) is never run and pickled weights never
@@ -542,8 +538,11 @@ def load_pretrained(
     )
     if cls is not base:
         model.__class__ = base  # nothing of the helper class stays
-    missing = sorted(info.get("missing_keys") or [])
-    if missing and cls is not base:  # a pruned folder: no weight may be left to chance
+    # a pruned folder: no weight of a reshaped layer may be left to chance (elsewhere, as in
+    # transformers: a ViTModel saved without its pooler gets a new one)
+    prefix = layer_list(model)[0] + "." if cls is not base else None
+    missing = sorted(k for k in info.get("missing_keys") or [] if prefix and k.startswith(prefix))
+    if missing:
         raise StudioError(
             f"the weights in {folder.name} do not fit its config ({len(missing)} missing, "
             f"e.g. {missing[0]})"

@@ -65,7 +65,10 @@ def drop_layers(model: nn.Module, drop: Sequence[int]) -> None:
         del layers[i]  # ModuleList renumbers its keys; the list object stays the same
     for new, layer in enumerate(layers):
         for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
+            old = getattr(module, "layer_idx", None)
+            if isinstance(old, int):
+                if old != new and getattr(module, "scale_attn_by_inverse_layer_idx", False):
+                    _move_inverse_layer_scaling(module, old, new)
                 module.layer_idx = new  # the key/value cache slot it writes
     config = model.config
     for field in hf_arch.PER_LAYER_CONFIG:
@@ -83,6 +86,20 @@ def drop_layers(model: nn.Module, drop: Sequence[int]) -> None:
             },
         )
     config.num_hidden_layers = len(layers)  # Llama runs layers[: num_hidden_layers]
+
+
+def _move_inverse_layer_scaling(attn: nn.Module, old: int, new: int) -> None:
+    """GPT-2 may scale attention scores by 1/(layer + 1), fixed when the layer is built. A layer
+    that moves to index ``new`` takes the new index's scaling (what a model rebuilt from the
+    config computes) and its query projection makes up the difference, so the scores stay."""
+    factor = (new + 1) / (old + 1)
+    cross = getattr(attn, "is_cross_attention", False)
+    proj = attn.q_attn if cross else attn.c_attn
+    cols = slice(None) if cross else slice(0, attn.split_size)  # c_attn's columns: q | k | v
+    with torch.no_grad():
+        proj.weight[:, cols] *= factor  # Conv1D: (in, out)
+        proj.bias[cols] *= factor
+    attn.scaling = attn.scaling / factor
 
 
 def _rows(module: nn.Module) -> torch.Tensor:
@@ -150,20 +167,6 @@ def _builds_like(model: nn.Module, config, want: dict[str, tuple[int, ...]]) -> 
     return all(got[k] == shape for k, shape in want.items() if k in got)
 
 
-def _gpt2_scaling(model: nn.Module, config) -> list[float] | None:
-    """GPT-2 with ``scale_attn_by_inverse_layer_idx`` fixes 1/(layer+1) at construction: after a
-    layer is dropped, a rebuilt model would scale the later layers differently."""
-    if not getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        return None
-    _, layers = hf_arch.layer_list(model)
-    values = [float(layer.attn.scaling) for layer in layers]
-    for i, layer in enumerate(layers):
-        base = layer.attn.head_dim**-0.5 if config.scale_attn_weights else 1.0
-        if abs(values[i] - base / (i + 1)) > 1e-12 * max(1.0, abs(values[i])):
-            return values
-    return None
-
-
 def update_config(model: nn.Module) -> None:
     """Make ``model.config`` say what the model now is.
 
@@ -182,16 +185,11 @@ def update_config(model: nn.Module) -> None:
     setattr(config, inner_field, max(sizes["intermediate"]))
     if head_dim_field:  # explicit, so that a head count no longer derives it
         setattr(config, head_dim_field, bl[0].head_dim)
-    extra = _gpt2_scaling(model, config) if fam == "gpt2" else None
-    if extra is not None:
-        sizes = {**sizes, "attn_scaling": extra}
     want = _shapes(model)
     proposals = [(max(sizes["heads"]), max(sizes["kv_heads"]))]
     proposals.append((getattr(config, heads_field), getattr(config, kv_field) if kv_field else 0))
     options = [(h, kv, None) for h, kv in proposals] + [(h, kv, sizes) for h, kv in proposals]
     for heads, kv, studio in options:
-        if studio is None and extra is not None:
-            continue
         candidate = copy.deepcopy(config)
         setattr(candidate, heads_field, heads)
         if kv_field:
