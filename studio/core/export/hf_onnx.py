@@ -137,7 +137,7 @@ def write_text_onnx(
     start = time.monotonic()
     path = Path(path)
     if kind == "vision":
-        raise StudioError("a vision model takes pixels, not token ids: export it as a CNN is")
+        raise StudioError("a vision model takes pixels, not token ids: export it with export_model")
     if kind not in KINDS:
         raise StudioError(f"unknown text model kind {kind!r}: choose one of {', '.join(KINDS)}")
     if path.suffix.lower() != ".onnx":
