@@ -29,18 +29,18 @@ which is the case when every layer has the same sizes AND:
   head count (``head_dim`` is written explicitly; Llama's config also insists that
   ``hidden_size % num_attention_heads == 0``, Qwen2's and Mistral's do not);
 - vit (transformers 5 layout): heads too (``head_dim`` is read from the config when present);
-- bert and gpt2 families: MLP neurons and layer removal only. Their attention computes the head
-  size as ``hidden_size // num_attention_heads``, so a config with fewer heads would describe
-  bigger heads, not fewer: ``num_attention_heads`` keeps the original count there and the real
-  head counts go into ``studio_layers``.
+- bert (with the old-layout ViT-likes) and gpt2: MLP neurons and layer removal only. Their
+  attention computes the head size as ``hidden_size // num_attention_heads``, so a config with
+  fewer heads would describe bigger heads, not fewer: ``num_attention_heads`` keeps the original
+  count there and the real head counts go into ``studio_layers``.
 
 (GPT-2 with ``scale_attn_by_inverse_layer_idx`` keeps reloading after a layer is dropped: the
 layers that move take their new index's scaling and fold the difference into their queries.)
 Everything else (layers of different sizes, the cases above) reloads only through
 :func:`load_pretrained`, which builds the model from its config, shrinks each layer to the listed
 sizes (:func:`reshape_to_config`) and then lets transformers load the safetensors into it, with
-every key required to match. Vanilla ``from_pretrained`` on such a folder fails on the mismatched
-shapes rather than loading a different model.
+every weight of the layers required to be there. Vanilla ``from_pretrained`` on such a folder
+fails on the mismatched shapes rather than loading a different model.
 """
 
 from __future__ import annotations
@@ -54,11 +54,6 @@ import torch
 from torch import nn
 
 from studio.core.errors import StudioError, first_line
-
-try:  # transformers is a dependency, but keep the module importable without it
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment,misc]
 
 STUDIO_LAYERS = "studio_layers"  # the config attribute holding per-layer sizes
 # config lists with one entry per layer: filtered when layers are dropped
@@ -176,6 +171,12 @@ _LAYOUTS = (
 # ---------------------------------------------------------------- finding the layers
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` (a Linear with its weight stored as (in, out)), known without importing
+    transformers, which costs a second at start-up for models that are not transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
 def _model_type(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
 
@@ -192,7 +193,7 @@ def submodule(module: nn.Module, path: str) -> nn.Module | None:
 def _matches(layer: nn.Module, layout: _Layout) -> bool:
     for path in layout.required():
         part = submodule(layer, path)
-        if not isinstance(part, (nn.Linear, Conv1D)):
+        if not (isinstance(part, nn.Linear) or _is_conv1d(part)):
             return False
     core = submodule(layer, layout.core)
     return core is not None and isinstance(getattr(core, layout.head_dim_attr, None), int)
@@ -243,7 +244,7 @@ def _layer_name(prefix: str, i: int) -> str:
 
 
 def _out_features(module: nn.Module) -> int:
-    return int(module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0])
+    return int(module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0])
 
 
 def _block(prefix: str, i: int, layer: nn.Module, layout: _Layout) -> Block:
@@ -286,7 +287,7 @@ def head_groups(block: Block) -> int:
 
 def _slice_out(module: nn.Module, index: torch.Tensor) -> None:
     """Keep the output features ``index`` of a Linear or Conv1D (rows and bias)."""
-    dim = 1 if isinstance(module, Conv1D) else 0
+    dim = 1 if _is_conv1d(module) else 0
     weight = module.weight
     module.weight = nn.Parameter(
         weight.detach().index_select(dim, index.to(weight.device)),
@@ -297,7 +298,7 @@ def _slice_out(module: nn.Module, index: torch.Tensor) -> None:
         module.bias = nn.Parameter(
             bias.detach().index_select(0, index.to(bias.device)), requires_grad=bias.requires_grad
         )
-    if isinstance(module, Conv1D):
+    if _is_conv1d(module):
         module.nf = len(index)
     else:
         module.out_features = len(index)
@@ -305,13 +306,13 @@ def _slice_out(module: nn.Module, index: torch.Tensor) -> None:
 
 def _slice_in(module: nn.Module, index: torch.Tensor) -> None:
     """Keep the input features ``index`` of a Linear or Conv1D (columns; the bias stays)."""
-    dim = 0 if isinstance(module, Conv1D) else 1
+    dim = 0 if _is_conv1d(module) else 1
     weight = module.weight
     module.weight = nn.Parameter(
         weight.detach().index_select(dim, index.to(weight.device)),
         requires_grad=weight.requires_grad,
     )
-    if isinstance(module, Conv1D):
+    if _is_conv1d(module):
         module.nx = len(index)
     else:
         module.in_features = len(index)
