@@ -29,6 +29,8 @@ UI_ALLOWED = {  # layer -> the UI layers it may import
 # app, the workflow) import the layers
 UI_BASE = {"session", "runner", "format", "settings", "compat", "report_pdf"}
 # the command line's only ways into the UI: open the window, and print a report's PDF with Qt
+# what the commands share: options and loading; what transformers need beside it
+CLI_SHARED = ("studio.cli.common", "studio.cli.hf")
 CLI_TO_UI = {("studio.cli.gui", "studio.ui.app"), ("studio.cli.report", "studio.ui.report_pdf")}
 
 
@@ -112,9 +114,9 @@ def _check(module: str, target: str) -> list[str]:
             return [f"{edge}: the command line never imports Qt"]
         if target.startswith("studio.ui") and (module, target) not in CLI_TO_UI:
             return [f"{edge}: the command line imports the UI only to open the window"]
-        if module not in ("studio.cli", "studio.cli.common") and target.startswith("studio.cli"):
-            if target != "studio.cli.common":
-                return [f"{edge}: a command imports only studio.cli.common of the command line"]
+        if module not in ("studio.cli", *CLI_SHARED) and target.startswith("studio.cli"):
+            if target not in CLI_SHARED:
+                return [f"{edge}: a command imports only {' and '.join(CLI_SHARED)}"]
     mine_ui, theirs_ui = ui_layer(module), ui_layer(target)
     if mine_ui in UI_ALLOWED and theirs_ui is not None and theirs_ui not in UI_ALLOWED[mine_ui]:
         return [f"{edge}: studio.ui.{mine_ui} may import {sorted(UI_ALLOWED[mine_ui])}"]

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from studio.cli import hf
+import studio.cli.hf as hf
 from studio.cli.common import (
     TerminalProgress,
     add_data_args,

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from studio.cli import hf
+import studio.cli.hf as hf
 from studio.cli.common import (
     TerminalProgress,
     add_data_args,
@@ -360,9 +360,11 @@ def _prune_hf(args: argparse.Namespace, model, data) -> int:
         return 0
     _print_summary(result, summary)
     if speed:
+        decode = speed["decode_speedup"]
         print(
-            f"  speed        prefill {speed['prefill_speedup']:.2f}x, decode "
-            f"{speed['decode_speedup']:.2f}x faster (torch, {speed['threads']} thread(s), batch 1)"
+            f"  speed        prefill {speed['prefill_speedup']:.2f}x"
+            + (f", decode {decode:.2f}x" if decode is not None else "")
+            + f" faster (torch, {speed['threads']} thread(s), batch 1)"
         )
     return 0
 

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from studio.cli import hf
+import studio.cli.hf as hf
 from studio.cli.common import (
     TerminalProgress,
     add_data_args,

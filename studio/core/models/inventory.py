@@ -18,7 +18,7 @@ from torch.utils.flop_counter import flop_registry
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn, check, report
 from studio.core.models import graph
-from studio.core.models.loaded import EAGER, ONNX, LoadedModel
+from studio.core.models.loaded import EAGER, HUGGINGFACE, ONNX, LoadedModel
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 RNN_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
@@ -61,6 +61,39 @@ class Inventory:
         return data
 
 
+def transformer_groups(module: nn.Module) -> list[graph.DependencyGroup]:
+    """A transformer's structured groups, per layer: its head groups (``channels`` = key/value
+    heads; members = the q/k/v projections, consumer = the out projection) and its MLP neurons
+    (members = the up/gate projections, consumer = the down projection)."""
+    from studio.core.models import hf_arch
+
+    hf = getattr(module, "hf", module)
+    named = dict(hf.named_modules())
+
+    def projections(prefix: str, skip: str) -> tuple[str, ...]:
+        return tuple(
+            "hf." + n
+            for n, m in named.items()
+            if n.startswith(prefix + ".") and n != skip and type(m).__name__ in ("Linear", "Conv1D")
+        )
+
+    groups = []
+    for b in hf_arch.blocks(hf):
+        groups.append(
+            graph.DependencyGroup(
+                "hf." + b.attention, b.kv_heads, projections(b.attention, b.out_proj),
+                ("hf." + b.out_proj,),
+            )  # fmt: skip
+        )
+        groups.append(
+            graph.DependencyGroup(
+                "hf." + b.mlp, b.intermediate, projections(b.mlp, b.mlp_down),
+                ("hf." + b.mlp_down,),
+            )  # fmt: skip
+        )
+    return groups
+
+
 def build_inventory(
     model: LoadedModel, progress: ProgressFn | None = None, cancel: CancelToken | None = None
 ) -> Inventory:
@@ -74,7 +107,9 @@ def build_inventory(
     groups: list[graph.DependencyGroup] = []
     left_whole: dict[str, str] = {}  # group roots the graph cannot prune safely, with the reason
     graph_error: str | None = None
-    if model.kind in (EAGER, ONNX):
+    if model.kind == HUGGINGFACE:
+        groups = transformer_groups(module)
+    elif model.kind in (EAGER, ONNX):
         try:
             outputs = graph.output_layers(module, x)
             tp_graph, traced = graph.traced_groups(module, x, ignored=outputs)
