@@ -80,8 +80,6 @@ def plan(args: argparse.Namespace, model, data):  # noqa: ANN001 -> PruningPlan
             f"--method {method} is not built for transformers: use structured (head groups and "
             "MLP neurons) or blocks (whole layers)"
         )
-    if args.target_latency is not None:
-        raise StudioError("--target-latency is not built for transformers yet: use --target-params")
     base = PruningPlan(
         method,
         "activation" if data is not None else "l2",
@@ -104,14 +102,29 @@ def plan(args: argparse.Namespace, model, data):  # noqa: ANN001 -> PruningPlan
         return replace(
             base.with_ratios({n: args.ratio for n in names}), target={"ratio": args.ratio}
         )
-    fraction = args.target_params if args.target_params is not None else args.target_macs
     strategy = args.allocate or ("sensitivity" if data is not None or args.scan else "uniform")
     if strategy not in ("uniform", "sensitivity"):
         raise StudioError(
             f"--allocate {strategy} is not built for transformers: uniform or sensitivity"
         )
     report = scan(args, model, data) if strategy == "sensitivity" else None
-    return allocate_transformer(model, fraction, strategy, report, base=base)
+    if args.target_latency is not None:
+        from studio.core.latency.lm_target import reach_lm_latency
+
+        plan, best = reach_lm_latency(
+            model, str(args.target_latency), strategy, report, base, threads=args.threads or 1,
+            progress=TerminalProgress("meeting the latency target"),
+        )  # fmt: skip
+        what = "decode" if model.task == "causal-lm" else "prefill"
+        print(
+            f"note: {what} {best.before_ms:.3f} -> {best.after_ms:.3f} ms measured "
+            f"({best.measured:.0%} of the original) with {best.params:.0%} of the parameters",
+            file=sys.stderr,
+        )
+        return plan
+    kind = "params" if args.target_params is not None else "macs"
+    fraction = args.target_params if kind == "params" else args.target_macs
+    return allocate_transformer(model, fraction, strategy, report, base=base, kind=kind)
 
 
 def print_quality(result) -> None:  # noqa: ANN001 - PruneResult

@@ -47,8 +47,9 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     how.add_argument(
         "--target-latency",
         metavar="F|MSms",
-        help="predicted latency to reach: a fraction of the unpruned model's (0.6 or 0.6x) or "
-        "milliseconds (2.5ms); structured; see --runtime, --batch, --threads",
+        help="latency to reach: a fraction of the unpruned model's (0.6 or 0.6x) or "
+        "milliseconds (2.5ms); structured; see --runtime, --batch, --threads. A language "
+        "model: its decode time per token, measured (0.6, or a speed such as 300tok/s)",
     )
     pr.add_argument("--runtime", choices=("onnxruntime", "torch"), help="for --target-latency")
     pr.add_argument("--batch", type=int, default=1, help="batch size for --target-latency")

@@ -40,6 +40,8 @@ class LayerUnits:
     group_params: int
     neurons: int
     neuron_params: int
+    group_macs: int = 0  # per sequence of the model's length: projections and attention
+    neuron_macs: int = 0
 
 
 def prefix_of(model: LoadedModel) -> str:
@@ -59,6 +61,9 @@ def layer_units(model: LoadedModel) -> list[LayerUnits]:
         group = hidden * b.head_dim * (2 * per + 2)  # q and o for each query head, k and v
         mlp_mods = sum(1 for _ in _mlp_inputs(named, b))
         neuron = hidden * (mlp_mods + 1)
+        tokens = int(model.input_shape[-1]) if model.is_text else _patches(hf)
+        # q.k and the weighted sum of v, for each of the group's query heads
+        attention = 2 * tokens * tokens * b.head_dim * per
         units.append(
             LayerUnits(
                 attention=prefix_of(model) + b.attention,
@@ -67,9 +72,17 @@ def layer_units(model: LoadedModel) -> list[LayerUnits]:
                 group_params=group,
                 neurons=b.intermediate,
                 neuron_params=neuron,
+                group_macs=tokens * group + attention,
+                neuron_macs=tokens * neuron,
             )
         )
     return units
+
+
+def _patches(hf) -> int:
+    """Tokens a ViT sees: its patches and the class token."""
+    cfg = hf.config
+    return (int(cfg.image_size) // int(cfg.patch_size)) ** 2 + 1
 
 
 def _width(layer, out: bool) -> int:
@@ -106,12 +119,24 @@ def removed_neurons(ratio: float, neurons: int) -> int:
     return neurons - max(1, keep)
 
 
-def params_removed(units: list[LayerUnits], ratios: dict[str, float]) -> int:
+def params_removed(units: list[LayerUnits], ratios: dict[str, float], kind: str = "params") -> int:
+    """Parameters (or MACs per sequence) a plan removes."""
     total = 0
     for u in units:
-        total += removed_groups(ratios.get(u.attention, 0.0), u.groups) * u.group_params
-        total += removed_neurons(ratios.get(u.mlp, 0.0), u.neurons) * u.neuron_params
+        group, neuron = (u.group_macs, u.neuron_macs) if kind == "macs" else (
+            u.group_params, u.neuron_params
+        )  # fmt: skip
+        total += removed_groups(ratios.get(u.attention, 0.0), u.groups) * group
+        total += removed_neurons(ratios.get(u.mlp, 0.0), u.neurons) * neuron
     return total
+
+
+def total_macs(model: LoadedModel) -> int:
+    """MACs of one sequence, as ``studio info`` counts them."""
+    from studio.core.models.inventory import layer_rows, trace_layers
+
+    _, macs = trace_layers(model.module, model.example_input())
+    return sum(macs.get(name, 0) for name, _ in layer_rows(model.module, macs))
 
 
 def allocate_transformer(
@@ -122,8 +147,10 @@ def allocate_transformer(
     heads: bool = True,
     mlp: bool = True,
     base: PruningPlan | None = None,
+    kind: str = "params",
 ) -> PruningPlan:
-    """Ratios that keep at most ``params_fraction`` of the model's parameters.
+    """Ratios that keep at most ``params_fraction`` of the model's parameters (``kind``
+    "macs": of its MACs per sequence).
 
     ``uniform``: one fraction for every layer (head groups rounded to whole groups);
     ``sensitivity``: greedy on ``scan``'s measured drops."""
@@ -132,35 +159,41 @@ def allocate_transformer(
     if not (heads or mlp):
         raise StudioError("nothing to allocate: enable heads, MLP neurons or both")
     units = layer_units(model)
-    total = sum(p.numel() for p in model.module.parameters())
+    if kind == "macs":
+        total = total_macs(model)
+    else:
+        total = sum(p.numel() for p in model.module.parameters())
     need = total * (1.0 - params_fraction)
     if strategy == "uniform":
-        ratios = _uniform(units, need, heads, mlp)
+        ratios = _uniform(units, need, heads, mlp, kind)
     elif strategy == "sensitivity":
         if scan is None:
             raise StudioError("sensitivity allocation needs a transformer scan")
         if len(scan.layers) != len(units):
             raise StudioError("the scan was made for another model (its layers differ)")
-        ratios = _greedy(units, scan, need, heads, mlp)
+        ratios = _greedy(units, scan, need, heads, mlp, kind)
     else:
         raise StudioError(f"unknown allocation {strategy!r}: choose uniform or sensitivity")
-    removed = params_removed(units, ratios)
+    removed = params_removed(units, ratios, kind)
     if removed + 1e-9 < need * 0.98:
+        what = "MACs" if kind == "macs" else "parameters"
         raise StudioError(
-            f"cannot reach {params_fraction:.0%} of the parameters by pruning "
+            f"cannot reach {params_fraction:.0%} of the {what} by pruning "
             f"{'heads and MLP neurons' if heads and mlp else 'heads' if heads else 'MLP neurons'}"
             f": at most {(total - removed) / total:.0%} (embeddings and norms stay)"
         )
     plan = base or PruningPlan(
         method="structured", criterion="activation", recalibrate_bn=False, cap=1.0
     )
-    target = {"params": params_fraction, "allocate": strategy}
+    target = {kind: params_fraction, "allocate": strategy}
     from dataclasses import replace
 
     return replace(plan, ratios=ratios, target=target, model_fingerprint=model.fingerprint())
 
 
-def _uniform(units: list[LayerUnits], need: float, heads: bool, mlp: bool) -> dict[str, float]:
+def _uniform(
+    units: list[LayerUnits], need: float, heads: bool, mlp: bool, kind: str
+) -> dict[str, float]:
     best: dict[str, float] = {}
     for f in np.linspace(0.0, MAX_MLP_RATIO, 141):
         ratios = {}
@@ -170,14 +203,19 @@ def _uniform(units: list[LayerUnits], need: float, heads: bool, mlp: bool) -> di
             if mlp:
                 ratios[u.mlp] = removed_neurons(float(f), u.neurons) / u.neurons
         best = ratios
-        if params_removed(units, ratios) >= need:
+        if params_removed(units, ratios, kind) >= need:
             break
     return best
 
 
 def _greedy(
-    units: list[LayerUnits], scan: HeadScan, need: float, heads: bool, mlp: bool
+    units: list[LayerUnits], scan: HeadScan, need: float, heads: bool, mlp: bool, kind: str
 ) -> dict[str, float]:
+    def cost_of(u: LayerUnits) -> tuple[int, int]:
+        return (
+            (u.group_macs, u.neuron_macs) if kind == "macs" else (u.group_params, u.neuron_params)
+        )
+
     groups_off = [0] * len(units)
     slices_off = [0] * len(units)
     curve_x = [0.0, *scan.mlp_ratios]
@@ -202,7 +240,7 @@ def _greedy(
             if heads and groups_off[i] < u.groups - 1:
                 g = scan.group_order(i)[groups_off[i]]
                 cost = max(float(np.nan_to_num(scan.head_drop[i, g], nan=np.inf)), 0.0)
-                per = (cost + 1e-9) / u.group_params
+                per = (cost + 1e-9) / cost_of(u)[0]
                 if per < best_cost:
                     best, best_cost = ("heads", i), per
             if mlp and (slices_off[i] + 1) / MLP_SLICES <= MAX_MLP_RATIO + 1e-9:
@@ -214,7 +252,7 @@ def _greedy(
                         - mlp_drop(i, slices_off[i] / MLP_SLICES),
                         0.0,
                     )
-                    per = (cost + 1e-9) / ((after - before) * u.neuron_params)
+                    per = (cost + 1e-9) / ((after - before) * cost_of(u)[1])
                     if per < best_cost:
                         best, best_cost = ("mlp", i), per
         if best is None:
@@ -224,7 +262,7 @@ def _greedy(
             groups_off[i] += 1
         else:
             slices_off[i] += 1
-        removed = params_removed(units, ratios())
+        removed = params_removed(units, ratios(), kind)
     return ratios()
 
 
