@@ -98,7 +98,12 @@ def reach_lm_latency(
     for i in range(ROUNDS):
         check(cancel)
         report(progress, i / ROUNDS, f"candidate {i + 1}: {params:.0%} of the parameters")
-        plan = allocate_transformer(model, params, strategy, scan, base=base)
+        try:
+            plan = allocate_transformer(model, params, strategy, scan, base=base)
+        except StudioError:  # below what pruning heads and neurons can reach
+            if not tried:
+                raise
+            break
         candidate = measure(plan, params)
         tried.append(candidate)
         if kind == "tokens_per_s" and i == 0:  # now the original's speed is known
