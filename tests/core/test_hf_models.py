@@ -195,3 +195,34 @@ def test_depth_pruning_removes_layers_and_updates_the_config(folders):
     assert result.module.hf.config.n_layer == 2
     with torch.no_grad():
         assert result.module(model.example_input()).shape == (1, 128, hf_zoo.VOCAB)
+
+
+def test_mac_target_is_met_as_the_engine_counts_macs(folders):
+    from studio.core.plan.transformer import allocate_transformer
+    from studio.core.prune.engine import prune
+
+    model = load_model(str(folders["gpt2"]))
+    plan = allocate_transformer(model, 0.7, "uniform", kind="macs")
+    result = prune(model, plan)
+    assert result.macs_after <= 0.7 * result.macs_before * 1.02
+    assert result.macs_after > 0.5 * result.macs_before  # not far below the target either
+
+
+def test_latency_target_parsing_and_search_steps():
+    from studio.core.latency.lm_target import LMCandidate, _next_fraction, parse_target
+
+    assert parse_target("0.6x") == ("fraction", 0.6)
+    assert parse_target("300tok/s") == ("tokens_per_s", 300.0)
+    for bad in ("1.5", "fast", "-3tok/s"):
+        with pytest.raises(StudioError):
+            parse_target(bad)
+
+    def tried(*points):
+        return [LMCandidate(p, None, m, 1.0, m) for p, m in points]
+
+    # between a candidate that is too slow and one fast enough: interpolated
+    assert _next_fraction(tried((0.8, 0.9), (0.4, 0.5)), 0.7) == pytest.approx(0.6)
+    # only too slow: prune more, in proportion
+    assert _next_fraction(tried((0.6, 0.8)), 0.6) == pytest.approx(0.45)
+    # the same fraction again: nothing new to try
+    assert _next_fraction(tried((0.6, 0.6001), (0.601, 0.7)), 0.6) is None

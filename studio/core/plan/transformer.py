@@ -40,7 +40,7 @@ class LayerUnits:
     group_params: int
     neurons: int
     neuron_params: int
-    group_macs: int = 0  # per sequence of the model's length: projections and attention
+    group_macs: int = 0  # per sequence of the model's length, in the projections
     neuron_macs: int = 0
 
 
@@ -61,9 +61,9 @@ def layer_units(model: LoadedModel) -> list[LayerUnits]:
         group = hidden * b.head_dim * (2 * per + 2)  # q and o for each query head, k and v
         mlp_mods = sum(1 for _ in _mlp_inputs(named, b))
         neuron = hidden * (mlp_mods + 1)
+        # MACs as ``studio info`` counts them: the layers' (the projections'); the products
+        # of queries and keys inside attention belong to no layer and are not counted
         tokens = int(model.input_shape[-1]) if model.is_text else _patches(hf)
-        # q.k and the weighted sum of v, for each of the group's query heads
-        attention = 2 * tokens * tokens * b.head_dim * per
         units.append(
             LayerUnits(
                 attention=prefix_of(model) + b.attention,
@@ -72,7 +72,7 @@ def layer_units(model: LoadedModel) -> list[LayerUnits]:
                 group_params=group,
                 neurons=b.intermediate,
                 neuron_params=neuron,
-                group_macs=tokens * group + attention,
+                group_macs=tokens * group,
                 neuron_macs=tokens * neuron,
             )
         )
