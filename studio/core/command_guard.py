@@ -41,6 +41,10 @@ def contain_command(run: Callable[[], int], command: str) -> int:
         code = 1
         try:
             code = run()
+        except BaseException:  # STUDIO_DEBUG=1 re-raises: show the traceback before _exit
+            import traceback
+
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
