@@ -36,7 +36,8 @@ def add_gui_parser(sub: argparse._SubParsersAction) -> None:
     gui.add_argument(
         "--scan",
         action="store_true",
-        help="start a sensitivity scan (exact, structured) once the model and data are loaded",
+        help="start a sensitivity scan once the model and data are loaded (exact, structured; "
+        "for a transformer its head/MLP/layer scan)",
     )
     gui.add_argument(
         "--ray",
@@ -52,6 +53,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
     return run_gui(
         args.model,
         args.data,
+        seq_len=_seq_len(args),
         screenshot=args.screenshot,
         tab=args.tab,
         scan=args.scan,
@@ -61,6 +63,21 @@ def cmd_gui(args: argparse.Namespace) -> int:
         latency=args.latency,
         compute=_compute(args),
     )
+
+
+def _seq_len(args: argparse.Namespace) -> int | None:
+    """``--seq-len`` for a language model from a folder (demo-lm or DIR)."""
+    from pathlib import Path
+
+    if args.seq_len is None:
+        return None
+    if not args.model or not (args.model == "demo-lm" or Path(args.model).is_dir()):
+        raise StudioError(
+            "--seq-len is for a language model from a Hugging Face folder (--model demo-lm or DIR)"
+        )
+    if not 8 <= args.seq_len <= 8192:
+        raise StudioError(f"--seq-len must be between 8 and 8192, not {args.seq_len}")
+    return int(args.seq_len)
 
 
 def _compute(args: argparse.Namespace):  # -> Compute | None

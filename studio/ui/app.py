@@ -14,6 +14,7 @@ from studio.ui.compat import binding_problem
 from studio.ui.main_window import MainWindow
 from studio.ui.session import WARNING
 from studio.ui.settings import APPLICATION, ORGANIZATION
+from studio.ui.workflow import ModelRequest
 
 SCREENSHOT_TIMEOUT_S = 600
 
@@ -76,6 +77,7 @@ def run_gui(
     finetune: int | None = None,
     latency: bool = False,
     compute: Compute | None = None,
+    seq_len: int | None = None,
 ) -> int:
     """Open the studio, optionally with a model and data; return the exit status.
 
@@ -84,7 +86,9 @@ def run_gui(
     is loaded into the Planner once the model's targets are known, and with ``apply`` applied
     once the data is in; ``finetune`` (epochs) fine-tunes the pruned model in the Training tab;
     ``latency`` measures every variant in the Latency tab once the last of those is in;
-    ``compute`` (this session only, not saved) says where scans and fine-tuning run.
+    ``compute`` (this session only, not saved) says where scans and fine-tuning run;
+    ``seq_len`` is the sequence length of a language model from a folder (its input shape,
+    and the length its text data is cut into).
 
     With ``screenshot``, no dialogs are shown: once every job has ended the window is saved
     to that PNG file and the function returns 0, or 1 with a one-line message on stderr if
@@ -120,7 +124,9 @@ def run_gui(
         after = "finetuned" if finetune else "pruned" if recipe and apply else "evaluation"
         window.latency.measure_when_ready(after)
     if model_spec:
-        window.open_model(model_spec)
+        window.open_model(
+            ModelRequest(model_spec, input_shape=(1, seq_len)) if seq_len else model_spec
+        )
     if data_spec:
         window.open_data(data_spec)
     if screenshot is None:

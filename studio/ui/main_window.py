@@ -25,6 +25,7 @@ from studio.core.cluster.connection import Compute
 from studio.core.errors import StudioError
 from studio.core.models import zoo
 from studio.core.models.loaded import parse_shape
+from studio.core.paths import DEMO_LM_DIR
 from studio.ui.dialogs import export_actions
 from studio.ui.dialogs.compute_dialog import ComputeDialog, load_compute
 from studio.ui.panels.compare_panel import ComparePanel
@@ -39,12 +40,15 @@ from studio.ui.panels.training_panel import TrainingPanel
 from studio.ui.progress import JobProgressWidget
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
-from studio.ui.settings import RecentFiles, is_model_file, studio_settings
+from studio.ui.settings import RecentFiles, is_model_file, is_model_folder, studio_settings
 from studio.ui.speed_watch import SpeedWatch
+from studio.ui.text_data import DEMO_LM, is_text_spec
 from studio.ui.workflow import ARCH, ModelRequest, Workflow
 
 MODEL_FILTER = "Models (*.pt *.pth *.pt2 *.onnx *.ts);;All files (*)"
 DATA_FILTER = "Arrays (*.npz)"
+TEXT_FILTER = "Text (*.txt *.jsonl *.md);;All files (*)"
+BUILTIN_SPECS = ("demo", "demo-lm")  # opened by name, not from a path
 DEFAULT_SIZE = (1280, 800)
 STATE_VERSION = 1
 TABS = ("layers", "sensitivity", "sparsity", "planner", "result", "training", "latency")
@@ -137,7 +141,7 @@ class MainWindow(QMainWindow):
     def open_model(self, spec: str | ModelRequest, trust_pickle: bool = False) -> None:
         """Load a model spec (or a request with architecture, shape, trust) in the background."""
         path = spec.spec if isinstance(spec, ModelRequest) else spec
-        if not (path == "demo" or path.startswith("zoo:")) and not Path(path).exists():
+        if not (path in BUILTIN_SPECS or path.startswith("zoo:")) and not Path(path).exists():
             self.recent.remove(path)
             self._rebuild_recent_menu()
         self.workflow.open_model(spec, trust_pickle=trust_pickle)
@@ -157,6 +161,17 @@ class MainWindow(QMainWindow):
         path, _ = QFileDialog.getOpenFileName(self, "Open model", self._last_dir(), MODEL_FILTER)
         if path:
             self.open_model(path)
+
+    def open_model_folder_dialog(self) -> None:
+        """A Hugging Face model folder (config.json and *.safetensors)."""
+        path = QFileDialog.getExistingDirectory(self, "Open model folder", self._last_dir())
+        if path:
+            self.open_model(path)
+
+    def open_text_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open text", self._last_dir(), TEXT_FILTER)
+        if path:
+            self.open_data(path)
 
     def open_data_folder_dialog(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Open image folder", self._last_dir())
@@ -181,8 +196,15 @@ class MainWindow(QMainWindow):
         self._action(
             file_menu, "&Open model…", self.open_model_dialog, QKeySequence.StandardKey.Open
         )
+        self._action(
+            file_menu, "Open model &folder (Hugging Face)…", self.open_model_folder_dialog
+        ).setShortcut(QKeySequence("Ctrl+Shift+O"))
         builtin = file_menu.addMenu("&Built-in model")
         self._action(builtin, "Demo: ResNet-20 trained on digits", partial(self.open_model, "demo"))
+        demo_lm = self._action(
+            builtin, "Demo LM: Llama-style (GQA) on Python docs", partial(self.open_model, DEMO_LM)
+        )
+        demo_lm.setEnabled((DEMO_LM_DIR / "config.json").is_file())
         builtin.addSeparator()
         for name in zoo.NAMES:
             self._action(
@@ -195,6 +217,9 @@ class MainWindow(QMainWindow):
         self._action(data_menu, "Demo digits (validation split)", partial(self.open_data, "demo"))
         self._action(data_menu, "Image folder…", self.open_data_folder_dialog)
         self._action(data_menu, "Array file (.npz)…", self.open_data_file_dialog)
+        data_menu.addSeparator()
+        self._action(data_menu, "Demo LM corpus (text)", partial(self.open_data, DEMO_LM))
+        self._action(data_menu, "Text file (.txt, .jsonl)…", self.open_text_dialog)
         file_menu.addSeparator()
         self._action(
             file_menu, "&Export…", partial(export_actions.open_export_dialog, self)
@@ -257,7 +282,7 @@ class MainWindow(QMainWindow):
         self.compute_label.setText(f"Compute: {compute.describe()}")
 
     def _on_model_loaded(self, spec: str) -> None:
-        if spec != "demo" and not spec.startswith("zoo:") and Path(spec).exists():
+        if spec not in BUILTIN_SPECS and not spec.startswith("zoo:") and Path(spec).exists():
             self.recent.add(spec)
             self.settings.setValue("lastDir", str(Path(spec).resolve().parent))
             self._rebuild_recent_menu()
@@ -358,22 +383,33 @@ class MainWindow(QMainWindow):
     # --- drag and drop -------------------------------------------------------------------
 
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
-        if self._dropped_model(event) is not None:
+        if self._dropped(event) is not None:
             event.acceptProposedAction()
         else:
             event.ignore()
 
     def dropEvent(self, event: QDropEvent) -> None:
-        path = self._dropped_model(event)
-        if path is not None:
+        dropped = self._dropped(event)
+        if dropped is not None:
             event.acceptProposedAction()
-            self.open_model(path)
+            kind, path = dropped
+            if kind == "model":
+                self.open_model(path)
+            else:
+                self.open_data(path)
 
     @staticmethod
-    def _dropped_model(event: QDragEnterEvent | QDropEvent) -> str | None:
+    def _dropped(event: QDragEnterEvent | QDropEvent) -> tuple[str, str] | None:
+        """("model", path) for a model file or a Hugging Face folder, ("data", path) for a
+        text file; None for anything else."""
         urls = event.mimeData().urls() if event.mimeData().hasUrls() else []
         files = [u.toLocalFile() for u in urls if u.isLocalFile()]
-        return files[0] if len(files) == 1 and is_model_file(files[0]) else None
+        if len(files) != 1:
+            return None
+        path = files[0].rstrip("/") or files[0]
+        if is_model_file(path) or is_model_folder(path):
+            return ("model", path)
+        return ("data", path) if is_text_spec(path) and Path(path).is_file() else None
 
     # --- persistence ---------------------------------------------------------------------
 

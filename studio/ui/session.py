@@ -3,6 +3,12 @@
 Panels receive the session in their constructor and listen; they never own the state.
 The session holds plain core values (``LoadedModel``, ``DataSet``, ``Inventory``,
 ``EvalResult``) and is only changed on the GUI thread.
+
+Text data for a language model (``demo-lm``, a .txt or .jsonl file) comes in two splits of
+token-id sequences: ``data`` is the validation split (evaluation, perplexity) and
+``calibration`` the calibration split (what scans and training measure on, so that the
+validation text stays unseen). ``calibration`` is None for any other data. A transformer's
+head/MLP/layer scan (``HeadScan``) is kept as ``head_scan``; ``scan`` holds CNN scans only.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
     from studio.core.models.inventory import Inventory
     from studio.core.models.loaded import LoadedModel
     from studio.core.prune.engine import PruneResult
+    from studio.core.scan.heads import HeadScan
     from studio.core.scan.types import ScanReport
     from studio.core.train.types import FinetuneResult
 
@@ -37,6 +44,7 @@ class Session(QObject):
     inventory_changed = Signal(object)  # Inventory | None
     evaluation_changed = Signal(object)  # EvalResult | None
     scan_changed = Signal(object)  # ScanReport | None: the latest finished sensitivity scan
+    head_scan_changed = Signal(object)  # HeadScan | None: the latest finished transformer scan
     pruned_changed = Signal(object)  # PruneResult | None: the latest pruning of the model
     finetuned_changed = Signal(object)  # FinetuneResult | None: the pruned model fine-tuned
     compute_changed = Signal(object)  # Compute: where scans and fine-tuning run
@@ -47,9 +55,12 @@ class Session(QObject):
         self._model: LoadedModel | None = None
         self._reference: torch.nn.Module | None = None
         self._data: DataSet | None = None
+        self._calibration: DataSet | None = None
+        self._data_spec: str | None = None
         self._inventory: Inventory | None = None
         self._evaluation: EvalResult | None = None
         self._scan: ScanReport | None = None
+        self._head_scan: HeadScan | None = None
         self._pruned: PruneResult | None = None
         self._finetuned: FinetuneResult | None = None
         self._compute = Compute()
@@ -68,6 +79,22 @@ class Session(QObject):
         return self._data
 
     @property
+    def calibration(self) -> DataSet | None:
+        """The calibration split of text data (scans and training), None for other data."""
+        return self._calibration
+
+    @property
+    def data_spec(self) -> str | None:
+        """What the data was opened from (``demo``, ``demo-lm``, a path): text data is
+        tokenized again when another language model is opened."""
+        return self._data_spec
+
+    @property
+    def is_text_data(self) -> bool:
+        """The data holds token ids (text for a language model), not images or arrays."""
+        return self._data is not None and not self._data.x.is_floating_point()
+
+    @property
     def inventory(self) -> Inventory | None:
         return self._inventory
 
@@ -78,6 +105,12 @@ class Session(QObject):
     @property
     def scan(self) -> ScanReport | None:
         return self._scan
+
+    @property
+    def head_scan(self) -> HeadScan | None:
+        """The latest finished head/MLP/layer scan of a transformer (its rows are on the
+        model's calibration split when the data is text)."""
+        return self._head_scan
 
     @property
     def pruned(self) -> PruneResult | None:
@@ -104,13 +137,24 @@ class Session(QObject):
         self.set_inventory(None)
         self.set_evaluation(None)
         self.set_scan(None)
+        self.set_head_scan(None)
         self.set_pruned(None)
         self.model_changed.emit(model)
 
-    def set_data(self, data: DataSet | None) -> None:
+    def set_data(
+        self,
+        data: DataSet | None,
+        calibration: DataSet | None = None,
+        spec: str | None = None,
+    ) -> None:
+        """New data: ``data`` is what the model is evaluated on; for text, ``calibration``
+        is the split scans and training use. ``spec`` says where it came from."""
         self._data = data
+        self._calibration = calibration if data is not None else None
+        self._data_spec = spec if data is not None else None
         self.set_evaluation(None)
         self.set_scan(None)
+        self.set_head_scan(None)
         self.data_changed.emit(data)
 
     def set_inventory(self, inventory: Inventory | None) -> None:
@@ -129,6 +173,10 @@ class Session(QObject):
     def set_scan(self, report: ScanReport | None) -> None:
         self._scan = report
         self.scan_changed.emit(report)
+
+    def set_head_scan(self, scan: HeadScan | None) -> None:
+        self._head_scan = scan
+        self.head_scan_changed.emit(scan)
 
     def set_pruned(self, result: PruneResult | None) -> None:
         """A pruned copy of the model (the loaded model itself never changes); None reverts."""

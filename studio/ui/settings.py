@@ -28,8 +28,13 @@ def is_model_file(path: str) -> bool:
     return Path(path).suffix.lower() in MODEL_SUFFIXES
 
 
+def is_model_folder(path: str) -> bool:
+    """A Hugging Face model folder: a directory with a config.json."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
 class RecentFiles:
-    """Most-recently-opened model files, newest first, at most ``MAX_RECENT``."""
+    """Most-recently-opened model files and folders, newest first, at most ``MAX_RECENT``."""
 
     def __init__(self, settings: QSettings, key: str = RECENT_KEY) -> None:
         self.settings = settings

@@ -3,12 +3,18 @@
 The chain for a model is load -> inventory -> evaluation (when data is set). The steps run one
 after another, never side by side, because inspection hooks into the very module that
 evaluation runs. Opening another model cancels whatever is still running for the previous one.
+
+Text data is tokenized with the language model's tokenizer (studio.ui.text_data): opened
+before the model is in, it waits for it; opening another language model tokenizes it again.
+Data that does not go with the model (text for a CNN, images for a language model) is a
+one-line error, and the session keeps no data that does not fit its model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal
@@ -19,7 +25,10 @@ from studio.core.models import evaluate as core_evaluate
 from studio.core.models import inventory as core_inventory
 from studio.core.models import load as core_load
 from studio.core.models import loaded as core_models
+from studio.core.models.evaluate import is_causal_lm
 from studio.core.models.loaders import UntrustedPickleError
+from studio.core.models.text import TextSplits
+from studio.ui import text_data
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import DETAIL, ERROR, WARNING, Session
 
@@ -71,6 +80,8 @@ class Workflow(QObject):
         self._eval_job: Job | None = None
         self._data_job: Job | None = None
         self._waiting_for_data: str | None = None  # a load that failed for want of a shape
+        self._waiting_for_model: str | None = None  # text data opened before its model
+        self._tokenizing: tuple[Job, str] | None = None  # the tokenization running, its spec
         runner.finished.connect(self._on_finished)
         runner.failed.connect(self._on_failed)
         runner.cancelled.connect(self._on_cancelled)
@@ -87,6 +98,10 @@ class Workflow(QObject):
         for job in self.runner.jobs:  # scans, plans and pruning of the old model are of no use
             if job is not self._data_job:
                 job.cancel()
+        if self._tokenizing is not None and not self._tokenizing[0].done:
+            job, text = self._tokenizing  # with the old model's tokenizer: again with the new
+            job.cancel()
+            self._waiting_for_model = text
 
         def load(progress: ProgressFn, cancel: CancelToken) -> core_models.LoadedModel:
             progress(0.0, f"reading {spec}")
@@ -114,11 +129,28 @@ class Workflow(QObject):
         self._load_request = request
         return self._load_job
 
-    def open_data(self, spec: str) -> Job:
-        """Load a data set ("demo", a folder or an .npz) and evaluate the model on it."""
+    def open_data(self, spec: str) -> Job | None:
+        """Load a data set ("demo", a folder or an .npz; for a language model "demo-lm" or a
+        text file) and evaluate the model on it. None when it waits for the model or does not
+        go with it (an error)."""
+        is_text = text_data.is_text_spec(spec)
+        loading = self._load_job is not None and not self._load_job.done
+        model = None if loading else self.session.model
+        self._waiting_for_model = None
+        if is_text and model is None:  # tokenized with the model's tokenizer, once it is in
+            self._waiting_for_model = spec
+            self.session.log(f"Text data {spec}: waiting for a language model to tokenize it")
+            return None
+        problem = text_data.pairing_problem(model, spec, is_text) if model else None
+        if problem is not None:
+            self._refuse_data(problem)
+            return None
         for job in self.runner.jobs:  # everything measured on the old data is of no use
             if job not in (self._load_job, self._inventory_job):
                 job.cancel()
+        if is_text:
+            assert model is not None
+            return self._tokenize(model, spec)
 
         def load(progress: ProgressFn, cancel: CancelToken) -> core_data.DataSet:
             progress(0.0, f"reading {spec}")
@@ -128,22 +160,40 @@ class Workflow(QObject):
 
         self.session.log(f"Loading data {spec}")
         self._data_job = self._start(
-            "Loading data", load, "Could not load the data", self._on_data, spec
+            "Loading data", load, "Could not load the data", partial(self._on_data, spec), spec
         )
         return self._data_job
+
+    def _tokenize(self, model: core_models.LoadedModel, spec: str) -> Job:
+        seq_len = int(model.input_shape[-1])
+        self.session.log(f"Tokenizing {spec} for {model.name} ({seq_len} tokens a sequence)")
+        self._data_job = self._start(
+            "Tokenizing text",
+            text_data.tokenize_job(model, spec),
+            "Could not load the text",
+            lambda splits: self._on_text(model, spec, splits),
+            spec,
+        )
+        self._tokenizing = (self._data_job, spec)
+        return self._data_job
+
+    def _refuse_data(self, message: str) -> None:
+        self.session.log(f"Could not use the data: {message}", ERROR)
+        self.error.emit("Data does not fit the model", message)
 
     def evaluate(self) -> Job | None:
         """Evaluate the current model on the current data (after a running inspection)."""
         s = self.session
         if s.model is None or s.data is None:
             return None
-        for pending in (self._load_job, self._inventory_job):
+        for pending in (self._load_job, self._inventory_job, self._data_job):
             if pending is not None and not pending.done:
-                return None  # resumed when the new model's inventory is in
+                return None  # resumed when the new model's inventory (or the data) is in
         if self._eval_job is not None and not self._eval_job.done:
             self._eval_job.cancel()
         model, data = s.model, s.data
-        reference = None if data.labelled else s.reference
+        # a causal LM's perplexity needs no reference (the model itself would agree 100 %)
+        reference = None if data.labelled or is_causal_lm(model.module) else s.reference
 
         def run(progress: ProgressFn, cancel: CancelToken) -> core_evaluate.EvalResult:
             return core_evaluate.evaluate(
@@ -175,6 +225,7 @@ class Workflow(QObject):
         for operation, reason in model.unsupported.items():
             s.log(f"{operation} is not available: {reason}", WARNING)
         self.model_loaded.emit(spec)
+        self._fit_data(model)
 
         replica = model.replica()  # hooks go on a private copy: other jobs run the model
 
@@ -203,8 +254,48 @@ class Workflow(QObject):
         if inventory.graph_error:
             s.log(f"Structured pruning unavailable: {inventory.graph_error}", WARNING)
 
-    def _on_data(self, data: core_data.DataSet) -> None:
-        self.session.set_data(data)
+    def _fit_data(self, model: core_models.LoadedModel) -> None:
+        """The data for a newly loaded model: text waiting for it is tokenized, text data of
+        another language model is tokenized again, data that does not fit is dropped."""
+        s = self.session
+        waiting, self._waiting_for_model = self._waiting_for_model, None
+        spec = waiting or (s.data_spec if s.is_text_data else None)
+        if spec is not None and waiting is None:
+            s.set_data(None)  # token ids of another tokenizer
+        if spec is not None:
+            problem = text_data.pairing_problem(model, spec, is_text=True)
+            if problem is None:
+                self._tokenize(model, spec)
+            else:
+                self._refuse_data(problem)
+            return
+        if s.data is not None and model.is_text:
+            problem = text_data.pairing_problem(model, s.data_spec or s.data.name, is_text=False)
+            s.set_data(None)
+            if problem is not None:
+                self._refuse_data(problem)
+
+    def _on_text(self, model: core_models.LoadedModel, spec: str, splits: TextSplits) -> None:
+        s = self.session
+        if s.model is not model:
+            return  # another model came in meanwhile: it tokenizes the text itself
+        calibration, validation = splits.calibration, splits.validation
+        s.set_data(validation, calibration, spec)
+        s.log(
+            f"Loaded text {text_data.display_name(spec)}: {len(validation):,} validation and "
+            f"{len(calibration):,} calibration sequences of {validation.x.shape[1]} tokens "
+            "(evaluation on validation; scans and training on calibration)"
+        )
+        self.evaluate()
+
+    def _on_data(self, spec: str, data: core_data.DataSet) -> None:
+        model, loading = self.session.model, self._load_job is not None and not self._load_job.done
+        if model is not None and not loading:
+            problem = text_data.pairing_problem(model, spec, is_text=False)
+            if problem is not None:
+                self._refuse_data(problem)
+                return
+        self.session.set_data(data, spec=spec)
         labels = f"{len(data.classes)} classes" if data.labelled else "unlabeled"
         self.session.log(f"Loaded data {data.name}: {len(data):,} samples, {labels}")
         waiting, self._waiting_for_data = self._waiting_for_data, None
@@ -237,7 +328,12 @@ class Workflow(QObject):
         if s.model is not model or s.data is not data:
             return
         s.set_evaluation(result)
-        if result.accuracy is not None:
+        if result.perplexity is not None:
+            s.log(
+                f"Perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats a token) "
+                f"on {result.samples:,} sequences"
+            )
+        elif result.accuracy is not None:
             s.log(
                 f"Accuracy {result.accuracy:.2%}, loss {result.loss:.4f} "
                 f"on {result.samples:,} samples"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
@@ -31,6 +32,7 @@ KIND_TEXT = {
     "torchscript": "TorchScript",
     "exported": "torch.export program",
     "onnx": "ONNX (converted to PyTorch)",
+    "huggingface": "Hugging Face folder",
 }
 
 
@@ -80,9 +82,11 @@ class SummaryPanel(QWidget):
         else:
             v["model"].setText(model.name)
             v["model"].setToolTip(str(model.path) if model.path else model.spec)
-            v["kind"].setText(KIND_TEXT.get(model.kind, model.kind))
+            kind = KIND_TEXT.get(model.kind, model.kind)
+            v["kind"].setText(f"{kind} ({model.task})" if model.task else kind)
             v["input"].setText(fmt.shape(model.input_shape))
-            v["size"].setText(fmt.file_size(model.file_size) if model.path else "not a file")
+            size = _size_on_disk(model.path) if model.path else None
+            v["size"].setText(fmt.file_size(size) if model.path else "not a file")
             params = (
                 inventory.params if inventory else sum(p.numel() for p in model.module.parameters())
             )
@@ -97,18 +101,24 @@ class SummaryPanel(QWidget):
                 f"{len(inventory.layers)} ({prunable} prunable, {len(inventory.groups)} groups)"
             )
             v["sparsity"].setText(fmt.percent(inventory.sparsity))
-        v["data"].setText(
-            fmt.DASH
-            if data is None
-            else f"{data.name}: {len(data):,} samples" + ("" if data.labelled else ", unlabeled")
-        )
+        if data is None:
+            v["data"].setText(fmt.DASH)
+        elif s.is_text_data:
+            calibration = len(s.calibration) if s.calibration is not None else 0
+            v["data"].setText(
+                f"{data.name}: {len(data):,} sequences ({calibration:,} more for calibration)"
+            )
+        else:
+            unlabeled = "" if data.labelled else ", unlabeled"
+            v["data"].setText(f"{data.name}: {len(data):,} samples{unlabeled}")
         self._show_quality(result)
 
     def _show_quality(self, result: EvalResult | None) -> None:
         s, v, lbl = self.session, self.values, self.labels
         labelled = s.data is None or s.data.labelled
-        lbl["quality"].setText("Accuracy:" if labelled else "Agreement:")
-        lbl["quality2"].setText("Loss:" if labelled else "KL / cosine:")
+        lm = s.model is not None and s.model.task == "causal-lm"
+        lbl["quality"].setText("Perplexity:" if lm else "Accuracy:" if labelled else "Agreement:")
+        lbl["quality2"].setText("Loss:" if labelled or lm else "KL / cosine:")
         if result is None:
             waiting = s.model is not None and s.data is not None
             v["quality"].setText("…" if waiting else fmt.DASH)
@@ -116,7 +126,11 @@ class SummaryPanel(QWidget):
             v["quality"].setToolTip("" if s.data is not None else "Open data to measure accuracy")
             return
         n = result.samples
-        if labelled:
+        if result.perplexity is not None:
+            v["quality"].setText(f"{result.perplexity:.3f}  on {n:,} sequences (validation)")
+            loss = result.loss
+            v["quality2"].setText(fmt.DASH if loss is None else f"{loss:.4f} nats a token")
+        elif labelled:
             v["quality"].setText(f"{fmt.percent(result.accuracy, 2)}  on {n:,} samples")
             loss = result.loss
             v["quality2"].setText(fmt.DASH if loss is None else f"{loss:.4f}")
@@ -126,3 +140,10 @@ class SummaryPanel(QWidget):
             )
             kl, cos = result.kl, result.cosine
             v["quality2"].setText(fmt.DASH if kl is None else f"{kl:.4g} / {cos:.4f}")
+
+
+def _size_on_disk(path: Path) -> int | None:
+    """A model file's size, or the total of a model folder's files (a Hugging Face folder)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else None
