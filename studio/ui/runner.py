@@ -19,6 +19,8 @@ import gc
 import itertools
 import logging
 import os
+import queue
+import threading
 import time
 import traceback
 import weakref
@@ -90,6 +92,39 @@ def error_message(exc: BaseException) -> str:
         return text.splitlines()[0]
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"Unexpected error: {type(exc).__name__}: {first}"[:400].rstrip(": ")
+
+
+Emit = Callable[[Any], None]
+
+
+def callback_stream(
+    fn: Callable[[ProgressFn, CancelToken, Emit], Any],
+) -> Callable[[ProgressFn, CancelToken], Iterator[Any]]:
+    """A core call that hands partial results to a callback (``on_row=``) instead of
+    yielding them, as a stream job's generator function: ``fn(progress, cancel, emit)`` runs
+    on a helper thread (in the job's process) and every ``emit(item)`` is yielded here; its
+    return value is the generator's. The helper stops at ``fn``'s next cancel check."""
+
+    def stream(progress: ProgressFn, cancel: CancelToken) -> Iterator[Any]:
+        items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+        def run() -> None:
+            try:
+                items.put(("done", fn(progress, cancel, lambda item: items.put(("item", item)))))
+            except BaseException as exc:  # noqa: BLE001 - raised again by the generator
+                items.put(("failed", exc))
+
+        threading.Thread(target=run, name="studio-job-callbacks", daemon=True).start()
+        while True:
+            kind, value = items.get()
+            if kind == "item":
+                yield value
+            elif kind == "done":
+                return value
+            else:
+                raise value
+
+    return stream
 
 
 class GuiThreadCollector(QObject):
@@ -210,6 +245,17 @@ class JobRunner(QObject):
                 self._worker_partial.emit(job, item)
 
         return self._submit(job, gen, emit)
+
+    def start_callbacks(
+        self,
+        name: str,
+        fn: Callable[[ProgressFn, CancelToken, Emit], Any],
+        isolate: bool = True,
+    ) -> Job:
+        """Run ``fn(progress, cancel, emit)``, a core call that reports partial results to a
+        callback: each ``emit(item)`` is emitted as ``partial(job, item)`` on the GUI thread
+        (see :func:`callback_stream`); what ``fn`` returns is the job's result."""
+        return self.start_stream(name, callback_stream(fn), isolate=isolate)
 
     def _submit(
         self,

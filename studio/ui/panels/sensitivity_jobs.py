@@ -1,15 +1,17 @@
 """What the Sensitivity tab runs in the background (in the job's process, or here on Ray): the
-scan as a stream of items for the heatmap."""
+scan as a stream of items for the heatmap, and a transformer's head/MLP/layer scan."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from studio.core.cluster.connection import Compute
 from studio.core.jobs import CancelToken, ProgressFn, sub_progress
 from studio.core.models.data import DataSet
 from studio.core.models.loaded import LoadedModel
+from studio.core.scan.heads import HeadScan, scan_heads
 from studio.core.scan.sensitivity import SensitivityScan
 from studio.core.scan.types import ScanReport, ScanSettings
 
@@ -53,3 +55,32 @@ def scan_stream(
     yield from scan.run(rest, cancel)
     assert scan.report is not None
     return scan.report.seconds
+
+
+def head_scan_job(
+    model: LoadedModel, data: DataSet, use_cache: bool
+) -> Callable[[ProgressFn, CancelToken, Callable[[Any], None]], HeadScan]:
+    """The transformer scan for ``JobRunner.start_callbacks``: after each layer, a copy of
+    the scan so far (its drops; the rest NaN) is emitted for the heatmap."""
+
+    def run(progress: ProgressFn, cancel: CancelToken, emit: Callable[[Any], None]) -> HeadScan:
+        def on_row(scan: HeadScan, _layer: int) -> None:
+            emit(snapshot(scan))
+
+        return scan_heads(
+            model, data, use_cache=use_cache, progress=progress, cancel=cancel, on_row=on_row
+        )
+
+    return run
+
+
+def snapshot(scan: HeadScan) -> HeadScan:
+    """A copy of a scan in progress that the scan's later rows do not change (small: without
+    the neuron order)."""
+    return replace(
+        scan,
+        head_drop=scan.head_drop.copy(),
+        mlp_drop=scan.mlp_drop.copy(),
+        layer_drop=scan.layer_drop.copy(),
+        neuron_order=[],
+    )

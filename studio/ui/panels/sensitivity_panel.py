@@ -3,6 +3,10 @@
 The scan runs as a stream job on the runner; each finished (target, ratio) row arrives as a
 ``partial`` item and the heatmap is redrawn at most every ``REDRAW_MS``. Rows are cached on
 disk by the core as they finish, so a cancelled scan resumes where it stopped.
+
+A transformer from a Hugging Face folder gets its own view instead (head_scan_view): layers x
+head groups or MLP ratios, and whole layers; the panel shows one view or the other by the
+session's model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSplitter,
+    QStackedLayout,
     QVBoxLayout,
     QWidget,
 )
@@ -29,9 +34,11 @@ from studio.core.cluster.connection import ClusterInfo, Compute
 from studio.core.errors import StudioError
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, ProgressFn
+from studio.core.models.loaded import HUGGINGFACE
 from studio.core.scan.types import ScanReport, ScanRow
 from studio.ui import format as fmt
 from studio.ui.panels import scan_text
+from studio.ui.panels.head_scan_view import HeadScanView
 from studio.ui.panels.sensitivity_jobs import scan_stream
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import WARNING, Session
@@ -142,11 +149,18 @@ class SensitivityPanel(QWidget):
         splitter.setStretchFactor(0, 3)
         splitter.setStretchFactor(1, 2)
 
-        layout = QVBoxLayout(self)
+        self.cnn_view = QWidget()
+        layout = QVBoxLayout(self.cnn_view)
         layout.addWidget(self.controls)
         layout.addLayout(run_row)
         layout.addLayout(view_row)
         layout.addWidget(splitter, 1)
+        self.transformer = HeadScanView(self.session, self.runner)
+        self.transformer.error.connect(self.error)
+        self.stack = QStackedLayout(self)
+        self.stack.setContentsMargins(0, 0, 0, 0)
+        self.stack.addWidget(self.cnn_view)
+        self.stack.addWidget(self.transformer)
         self.controls.metric_changed.connect(self._on_view_changed)
         self.sort.currentIndexChanged.connect(self._on_view_changed)
 
@@ -157,8 +171,17 @@ class SensitivityPanel(QWidget):
         self._start_when_ready = True
         self._on_session_changed()
 
+    @property
+    def is_transformer(self) -> bool:
+        """The session's model is a transformer from a Hugging Face folder."""
+        model = self.session.model
+        return model is not None and model.kind == HUGGINGFACE
+
     def start(self) -> Job | None:
-        """Start (or resume, from the cache) a scan with the current settings."""
+        """Start (or resume, from the cache) a scan with the current settings; for a
+        transformer, its head/MLP/layer scan."""
+        if self.is_transformer:
+            return self.transformer.start()
         model, data = self.session.model, self.session.data
         if model is None or data is None or self.running:
             return None
@@ -351,6 +374,8 @@ class SensitivityPanel(QWidget):
         self.heatmap.set_matrix([], [], np.zeros((0, 0)))
         self.show_curve(-1)
         self.controls.release_method()
+        self.transformer.reset()
+        self.stack.setCurrentWidget(self.transformer if self.is_transformer else self.cnn_view)
         self._on_session_changed()
 
     def _on_session_changed(self, *_args: object) -> None:
@@ -364,7 +389,8 @@ class SensitivityPanel(QWidget):
                     f"Ready to scan {s.model.name} on {s.data.name} ({len(s.data):,} samples)."
                 )
         self._update_controls()
-        if ready and self._start_when_ready and not self.running:
+        self.transformer.update_controls()
+        if ready and self._start_when_ready and not self.running and not self.transformer.running:
             self._start_when_ready = False
             self.start()
 

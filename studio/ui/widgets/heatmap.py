@@ -2,7 +2,9 @@
 
 Built on ``pg.ImageItem`` with a ``pg.ColorBarItem`` beside it. Cells not measured yet are NaN
 and drawn grey. Hovering a cell shows its exact value (the owner supplies the text), clicking a
-row selects it, and rows can be shown in any order without changing the data.
+row selects it, and rows can be shown in any order without changing the data. Optionally one
+more value per row (a transformer's whole-layer drop) is drawn as a bar beside each row, on an
+axis of its own, with its own hover text.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ MAX_ROW_LABEL = 28  # characters of a layer name shown on the axis (all of it in
 
 MAX_COLUMN_LABELS = 16  # more columns than this are labelled every n-th
 
+SIDE_BRUSH = QColor("#bd0026")
+# the side bars sit in the heatmap plot's own grid, in the row of its cells (so bars and rows
+# line up exactly) and right of the colour bar (column 5): a gap, then the bars and their axis
+SIDE_GAP_COLUMN, SIDE_COLUMN, SIDE_GAP = 6, 7, 24
+SIDE_STRETCH = (4, 1)  # widths of the cells and of the side bars
+
 Describer = Callable[[int, int], str]
+RowDescriber = Callable[[int], str]
 
 
 def _short(name: str) -> str:
@@ -62,6 +71,11 @@ class HeatmapView(QWidget):
         self.selected = -1
         self._describe: Describer | None = None
         self._fixed_levels: tuple[float, float] | None = None
+        self.side: pg.ViewBox | None = None  # bars beside the rows, once set_side_bars is called
+        self.side_axis: pg.AxisItem | None = None
+        self.side_values: np.ndarray | None = None
+        self._side_bars: pg.BarGraphItem | None = None
+        self._describe_side: RowDescriber | None = None
 
         self.canvas = pg.GraphicsLayoutWidget()
         self.plot = self.canvas.addPlot()
@@ -117,6 +131,62 @@ class HeatmapView(QWidget):
             self.plot.getAxis("bottom").setLabel(column_title)
         self._redraw()
 
+    def set_side_bars(
+        self,
+        values: np.ndarray | None,
+        label: str = "",
+        describe: RowDescriber | None = None,
+    ) -> None:
+        """One value per row drawn as a horizontal bar beside it (in the row order, on an
+        axis titled ``label``); ``describe(row)`` gives a bar's hover text. None removes them."""
+        layout = self.plot.layout
+        if values is None:
+            if self.side is not None and self.side_axis is not None:
+                for item in (self.side, self.side_axis):
+                    layout.removeItem(item)
+                    self.plot.scene().removeItem(item)
+                layout.setColumnFixedWidth(SIDE_GAP_COLUMN, 0)
+                layout.setColumnStretchFactor(SIDE_COLUMN, 0)
+                self.side = self.side_axis = self._side_bars = self.side_values = None
+            return
+        if self.side is None:
+            self.side = pg.ViewBox(enableMouse=False, enableMenu=False)
+            self.side.invertY(True)
+            self.side.setYLink(self.plot.vb)
+            self.side_axis = pg.AxisItem("bottom", linkView=self.side)
+            self.side_axis.enableAutoSIPrefix(False)
+            self.side_axis.setGrid(64)
+            self._side_bars = pg.BarGraphItem(
+                x0=[], y=[], width=[], height=0.7, brush=SIDE_BRUSH, pen=None
+            )
+            self.side.addItem(self._side_bars)
+            layout.addItem(self.side, 2, SIDE_COLUMN)
+            layout.addItem(self.side_axis, 3, SIDE_COLUMN)
+            layout.setColumnFixedWidth(SIDE_GAP_COLUMN, SIDE_GAP)
+            layout.setColumnStretchFactor(1, SIDE_STRETCH[0])  # the cells (pyqtgraph's grid)
+            layout.setColumnStretchFactor(SIDE_COLUMN, SIDE_STRETCH[1])
+        assert self.side_axis is not None
+        self.side_axis.setLabel(label)
+        self.side_values = np.asarray(values, dtype=float).reshape(len(self.rows))
+        self._describe_side = describe
+        self._redraw_side()
+
+    def _redraw_side(self) -> None:
+        if self.side is None or self._side_bars is None or self.side_values is None:
+            return
+        shown = self.side_values[self.order] if len(self.order) else self.side_values
+        finite = np.nan_to_num(shown, nan=0.0)
+        self._side_bars.setOpts(
+            x0=np.minimum(finite, 0.0),
+            y=np.arange(len(shown)) + 0.5,
+            width=np.abs(finite),
+            height=0.7,
+        )
+        measured = shown[np.isfinite(shown)]
+        low = min(0.0, float(measured.min())) if measured.size else 0.0
+        high = max(0.0, float(measured.max())) if measured.size else 1.0
+        self.side.setXRange(low, high if high > low else low + 1.0, padding=0.05)
+
     def set_order(self, order: Sequence[int]) -> None:
         """Show data rows in this order (a permutation of ``range(len(rows))``)."""
         if sorted(order) != list(range(len(self.rows))):
@@ -157,6 +227,9 @@ class HeatmapView(QWidget):
         self.plot.setXRange(0, max(m, 1), padding=0)
         self.plot.setYRange(0, max(n, 1), padding=0)
         self._place_highlight()
+        if self.side_values is not None and len(self.side_values) != n:
+            self.side_values = np.full(n, np.nan)  # new rows: the owner sets the bars again
+        self._redraw_side()
 
     def _place_highlight(self) -> None:
         if self.selected < 0 or self.selected >= len(self.order):
@@ -185,7 +258,28 @@ class HeatmapView(QWidget):
         shown = "not measured yet" if np.isnan(value) else f"{value:.6g}"
         return f"{self.rows[row]} @ {self.columns[column]}: {shown}"
 
+    def side_row_at(self, scene_pos: QPointF) -> int | None:
+        """The data row of the side bar under a scene position, or None."""
+        if self.side is None or not self.side.sceneBoundingRect().contains(scene_pos):
+            return None
+        k = int(np.floor(self.side.mapSceneToView(scene_pos).y()))
+        return self.order[k] if 0 <= k < len(self.order) else None
+
+    def describe_side(self, row: int) -> str:
+        if self._describe_side is not None:
+            return self._describe_side(row)
+        value = self.side_values[row] if self.side_values is not None else np.nan
+        return f"{self.rows[row]}: {'not measured yet' if np.isnan(value) else f'{value:.6g}'}"
+
     def _on_mouse_moved(self, scene_pos: QPointF) -> None:
+        side_row = self.side_row_at(scene_pos)
+        if side_row is not None:
+            text = self.describe_side(side_row)
+            self.caption.setText(text.replace("\n", " · "))
+            if self.isVisible():
+                QToolTip.showText(QCursor.pos(), text, self)
+            self.hovered.emit(side_row, -1)
+            return
         cell = self.cell_at(scene_pos)
         if cell is None:
             self.caption.setText(" ")
@@ -198,10 +292,12 @@ class HeatmapView(QWidget):
         self.hovered.emit(*cell)
 
     def _on_mouse_clicked(self, event: object) -> None:
-        cell = self.cell_at(event.scenePos())  # type: ignore[attr-defined]
-        if cell is not None:
-            self.select_row(cell[0])
-            self.row_clicked.emit(cell[0])
+        pos = event.scenePos()  # type: ignore[attr-defined]
+        cell = self.cell_at(pos)
+        row = cell[0] if cell is not None else self.side_row_at(pos)
+        if row is not None:
+            self.select_row(row)
+            self.row_clicked.emit(row)
 
     # --- export --------------------------------------------------------------------------
 
