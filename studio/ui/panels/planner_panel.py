@@ -3,6 +3,8 @@ effect live, and Apply the plan to a copy of the model in the background.
 
 The targets come from a cost model built in the background for the session's model and the
 chosen method; predictions are recomputed at most every ``SUMMARY_MS`` while sliders move.
+A transformer from a Hugging Face folder is planned by head groups and MLP neurons per layer
+instead (:mod:`studio.ui.panels.planner_hf_panel`, its own table and options).
 """
 
 from __future__ import annotations
@@ -11,46 +13,32 @@ from dataclasses import replace
 from typing import Any
 
 from PySide6.QtCore import QTimer, Signal
-from PySide6.QtGui import QKeySequence
-from PySide6.QtWidgets import (
-    QCheckBox,
-    QDoubleSpinBox,
-    QFrame,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from PySide6.QtWidgets import QWidget
 
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn
-from studio.core.latency.alignment import channel_multiple
 from studio.core.latency.target import reach_latency
 from studio.core.latency.weights import layer_weights
 from studio.core.models.data import matching_training_split
 from studio.core.plan.allocate import CostModel, allocate
-from studio.core.plan.plan import CRITERIA, METHODS, NEEDS_DATA, PruningPlan
+from studio.core.plan.plan import NEEDS_DATA, PruningPlan
 from studio.core.prune.engine import prune
 from studio.core.scan.types import ScanReport
 from studio.ui import format as fmt
+from studio.ui.panels.planner_hf_panel import PlannerTransformer
 from studio.ui.panels.planner_latency import PlannerLatency
+from studio.ui.panels.planner_layout import TARGET_KINDS, PlannerLayout
 from studio.ui.panels.planner_recipes import PlannerRecipes
 from studio.ui.panels.planner_scan import PlannerScan
 from studio.ui.panels.planner_state import PlannerState
 from studio.ui.panels.planner_summary import summary_parts
-from studio.ui.panels.planner_table import PlannerTable
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import WARNING, Session
-from studio.ui.widgets.scan_controls import narrow_combo
 
 SUMMARY_MS = 80
-STRATEGIES = ("sensitivity", "global", "uniform")
-ROUNDING = {"exact": 1, "×4": 4, "×8": 8, "×16": 16}
-TARGET_KINDS = {"MACs": "macs", "parameters": "params", "latency (estimated)": "latency"}
 
 
-class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
+class PlannerPanel(PlannerLayout, PlannerRecipes, PlannerScan, PlannerTransformer, QWidget):
     """Edits a :class:`PruningPlan` for the session's model and applies it."""
 
     error = Signal(str, str)
@@ -86,138 +74,10 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         runner.cancelled.connect(self._on_cancelled)
         session.model_changed.connect(self.rebuild)
         session.scan_changed.connect(self.state.set_scan)
+        session.head_scan_changed.connect(self.state.set_head_scan)
         session.data_changed.connect(self._update_buttons)
         session.pruned_changed.connect(self._update_buttons)
         self.rebuild()
-
-    # --- layout --------------------------------------------------------------------------
-
-    def _build(self) -> None:
-        self.method = narrow_combo()
-        self.method.addItems(list(METHODS))
-        self.method.setToolTip(
-            "structured: remove channels, filters, neurons and heads (smaller, faster)\n"
-            "unstructured: zero single weights\nnm: 2 of every 4 weights zero (2:4)\n"
-            "blocks: replace whole residual blocks by their shortcut"
-        )
-        self.criterion = narrow_combo()
-        self.criterion.addItems(list(CRITERIA))
-        self.criterion.setToolTip("Which channels or weights go first")
-        self.cap = QDoubleSpinBox()
-        self.cap.setRange(0.05, 1.0)
-        self.cap.setSingleStep(0.05)
-        self.cap.setValue(0.9)
-        self.cap.setToolTip("No target may lose more than this fraction")
-        self.recalibrate = QCheckBox("Re-estimate BN")
-        self.recalibrate.setChecked(True)
-        self.recalibrate.setToolTip(
-            "After pruning, re-estimate batch-norm statistics on the data (no training);\n"
-            "without it a heavily pruned network often falls to chance before fine-tuning"
-        )
-        self.kind = narrow_combo()
-        self.kind.addItems(list(TARGET_KINDS))
-        self.keep = QDoubleSpinBox()
-        self.keep.setRange(1.0, 100.0)
-        self.keep.setValue(50.0)
-        self.keep.setSuffix(" % kept")
-        self.strategy = narrow_combo()
-        self.strategy.addItems(list(STRATEGIES))
-        self.strategy.setToolTip(
-            "sensitivity: meet the target with the smallest predicted drop (needs a scan)\n"
-            "global: one importance threshold across layers\nuniform: the same ratio everywhere"
-        )
-        self.round_to = narrow_combo()
-        runtime = channel_multiple("onnxruntime")
-        self.round_to.addItem(f"runtime ×{runtime.multiple}", runtime.multiple)
-        for label, value in ROUNDING.items():
-            self.round_to.addItem(label, value)
-        self.round_to.setToolTip(
-            "Channel counts kept when allocating (structured). runtime: multiples of the block\n"
-            f"ONNX Runtime runs fast on this machine ({runtime.reason}).\n"
-            "Vectorised kernels (ONNX Runtime's NCHWc, oneDNN, tensor cores) run other counts\n"
-            "on slower paths: the demo at half the MACs is 1.7x faster with x8, 0.95x exact."
-        )
-        self.allocate_button = QPushButton("Allocate")
-        self.allocate_button.clicked.connect(self.allocate)
-        plan_row, target_row = QHBoxLayout(), QHBoxLayout()
-        for row, label, widget in (
-            (plan_row, "Method", self.method),
-            (plan_row, "Criterion", self.criterion),
-            (plan_row, "Cap", self.cap),
-            (target_row, "Target", self.kind),
-            (target_row, "", self.keep),
-            (target_row, "by", self.strategy),
-        ):
-            if label:
-                row.addWidget(QLabel(label))
-            row.addWidget(widget)
-        target_row.addWidget(self.allocate_button)
-        plan_row.addStretch(1)
-        target_row.addStretch(1)
-        self.undo_button = self._button("Undo", self.state.undo_stack.undo, plan_row)
-        self.undo_button.setShortcut(QKeySequence.StandardKey.Undo)
-        self.redo_button = self._button("Redo", self.state.undo_stack.redo, plan_row)
-        self.redo_button.setShortcut(QKeySequence.StandardKey.Redo)
-        self.clear_button = self._button("Clear", self.clear, plan_row)
-        self.clear_button.setToolTip("Set every ratio to 0")
-        options_row = QHBoxLayout()
-        options_row.addWidget(self.recalibrate)
-        options_row.addWidget(QLabel("Channels"))
-        options_row.addWidget(self.round_to)
-        self.latency_button = QPushButton("Estimate latency")
-        self.latency_button.setToolTip(
-            "Predict the plan's ONNX Runtime latency on this machine on every change, from a\n"
-            "lookup table of micro-benchmarks (run once per machine, then cached)"
-        )
-        self.latency_button.clicked.connect(lambda: self.latency.build(self.state.cost))
-        options_row.addWidget(self.latency_button)
-        options_row.addStretch(1)
-        actions = QHBoxLayout()
-        actions.addStretch(1)
-        self.load_button = self._button("Load recipe…", self._ask_load_recipe, actions)
-        self.save_button = self._button("Save recipe…", self._ask_save_recipe, actions)
-        self.apply_button = self._button("Apply", self.apply, actions)
-        self.apply_button.setStyleSheet("font-weight: 600")
-        self.apply_button.setToolTip("Prune a copy of the model with this plan")
-        self.revert_button = self._button("Revert", self.revert, actions)
-        self.revert_button.setToolTip("Drop the pruned model; the original was never changed")
-
-        self.summary = QLabel()
-        self.summary.setWordWrap(True)
-        strip = QFrame()
-        strip.setFrameShape(QFrame.Shape.StyledPanel)
-        strip.setStyleSheet("QFrame { background: #f4f7fb; }")
-        strip_layout = QVBoxLayout(strip)
-        strip_layout.addWidget(self.summary)
-        strip_layout.addLayout(actions)
-        top = QVBoxLayout()
-        top.addLayout(plan_row)
-        top.addLayout(target_row)
-        top.addLayout(options_row)
-
-        self.table = PlannerTable(self.state)
-        layout = QVBoxLayout(self)
-        layout.addLayout(top)
-        layout.addWidget(strip)
-        layout.addWidget(self.table, 1)
-        self.method.currentTextChanged.connect(lambda _: self.rebuild())
-        self.criterion.currentTextChanged.connect(lambda c: self.state.set_plan_fields(criterion=c))
-        self.cap.valueChanged.connect(lambda v: self.state.set_plan_fields(cap=float(v)))
-        self.round_to.currentIndexChanged.connect(
-            lambda _i: self.state.set_plan_fields(round_to=int(self.round_to.currentData()))
-        )
-        self.recalibrate.toggled.connect(
-            lambda on: self.state.set_plan_fields(recalibrate_bn=bool(on))
-        )
-        self.state.changed.connect(self._update_buttons)
-
-    @staticmethod
-    def _button(text: str, slot: Any, layout: QHBoxLayout) -> QPushButton:
-        button = QPushButton(text)
-        button.setMinimumWidth(button.fontMetrics().horizontalAdvance(text) + 18)
-        button.clicked.connect(lambda _=False: slot())
-        layout.addWidget(button)
-        return button
 
     # --- commands ------------------------------------------------------------------------
 
@@ -225,9 +85,16 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         """Targets for the session's model and the chosen method, built in the background."""
         model = self.session.model
         self._cancel("targets")
+        self._transformer_mode(self.transformer)
         if model is None:
             self.state.start(None, PruningPlan())
             self.summary.setText("Open a model to plan its pruning.")
+            return
+        if self.transformer:
+            self._pending_plan, work = self._transformer_targets(model)
+            self.summary.setText(f"Finding the head groups and MLP neurons of {model.name}…")
+            self.jobs["targets"] = self.runner.start("Planning targets", work, isolate=False)
+            self.state.start(None, self._pending_plan)
             return
         method = self.method.currentText()
         plan = PruningPlan(
@@ -259,6 +126,8 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         cost, model = self.state.cost, self.session.model
         if cost is None or model is None:
             return None
+        if self.transformer:
+            return self._allocate_transformer()
         strategy = self.strategy.currentText()
         kind = TARGET_KINDS[self.kind.currentText()]
         fraction = float(self.keep.value()) / 100.0
@@ -325,11 +194,13 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         if not plan.active():
             self._fail("Nothing to prune", "every ratio is 0: move a slider or Allocate first")
             return None
-        if plan.criterion in NEEDS_DATA and data is None:
+        if plan.criterion in NEEDS_DATA and data is None and not self.transformer:
             self._fail("Data needed", f"the {plan.criterion} criterion needs data: open some")
             return None
-
-        calibration = matching_training_split(data) if data is not None else None
+        # a transformer chooses its heads and neurons on the (validation) data, as the CLI
+        calibration = (
+            matching_training_split(data) if data is not None and not self.transformer else None
+        )
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Any:
             return prune(model, plan, data, progress, cancel, calibration=calibration)
@@ -362,6 +233,7 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
             cost, fingerprint = result  # type: ignore[misc]
             self.state.start(cost, replace(self._pending_plan, model_fingerprint=fingerprint))
             self.state.set_scan(self.session.scan)
+            self.state.set_head_scan(self.session.head_scan)
             recipe, self._pending_recipe = self._pending_recipe, None
             if recipe is not None:
                 self._apply_recipe(recipe)
@@ -373,6 +245,10 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
             target = result.target
             self.last_allocation = result
             self.state.set_all(result.ratios, f"allocate {target.get('allocate', '')}")
+            if self.transformer:
+                self._log_transformer_allocation(result)
+                self._update_buttons()
+                return
             measured = (
                 f", measured at {target['measured']:.1%} of the original's latency "
                 f"({target.get('candidates')} candidates timed)"
@@ -397,7 +273,12 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
             self.allocate()
         elif key == "apply":
             self.session.set_pruned(result)
-            self._log_result(result)
+            if self.transformer:
+                self._show_transformer_result(result)
+            else:
+                self._log_result(result)
+        else:
+            self._transformer_finished(key, result)
         self._update_buttons()
 
     def _log_result(self, result: Any) -> None:
@@ -420,6 +301,8 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
                 "allocate": "Allocation failed",
                 "find_scan": "Cannot scan",
                 "scan": "Scan failed",
+                "hf_find_scan": "Cannot scan",
+                "hf_scan": "Scan failed",
             }.get(key, "Pruning failed")
             self._fail(title, message, job.traceback)
             self._update_buttons()
@@ -436,6 +319,9 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
 
     def update_summary(self) -> None:
         """The strip: parameters and MACs before -> after, and the predicted drop."""
+        if self.transformer:
+            self._transformer_summary()
+            return
         cost, prediction = self.state.cost, self.state.predict()
         if cost is None or prediction is None:
             return
@@ -457,7 +343,9 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
     def _update_buttons(self, *_args: object) -> None:
         has_targets = self.state.cost is not None
         busy = self.running("apply")
-        allocating = any(self.running(k) for k in ("allocate", "find_scan", "scan"))
+        allocating = any(
+            self.running(k) for k in ("allocate", "find_scan", "scan", "hf_find_scan", "hf_scan")
+        )
         self.allocate_button.setEnabled(has_targets and not allocating)
         self.apply_button.setEnabled(has_targets and not busy and bool(self.state.plan.active()))
         self.apply_button.setText("Pruning…" if busy else "Apply")
@@ -468,3 +356,6 @@ class PlannerPanel(PlannerRecipes, PlannerScan, QWidget):
         self.latency_button.setEnabled(
             has_targets and self.latency.predictor is None and not self.latency.building
         )
+        if self.session.pruned is None:
+            self.result_line.clear()
+            self.result_line.hide()

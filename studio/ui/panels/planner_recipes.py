@@ -13,6 +13,7 @@ from PySide6.QtWidgets import QFileDialog
 
 from studio.core.errors import StudioError
 from studio.core.plan.plan import PruningPlan
+from studio.ui.panels.planner_hf_panel import check_transformer_plan
 
 RECIPE_FILTER = "Recipes (*.yaml *.yml *.json)"
 
@@ -23,6 +24,7 @@ class PlannerRecipes:
     state: Any
     session: Any
     method: Any
+    transformer: bool
 
     def save_recipe(self, path: str | Path) -> Path:
         return self.state.plan.save(path, self.session.input_files())
@@ -35,6 +37,8 @@ class PlannerRecipes:
         if model is None:
             raise StudioError("open a model before loading a recipe")
         plan.check_model(model.fingerprint())
+        if self.transformer:
+            check_transformer_plan(plan)
         if plan.method != self.state.plan.method or self.state.cost is None:
             self._pending_recipe = (plan, Path(path).name)
             self.method.setCurrentText(plan.method)  # rebuilds; the ratios follow
@@ -67,6 +71,19 @@ class PlannerRecipes:
         except StudioError as exc:
             self._fail("Could not load the recipe", str(exc))
             return
+        if self.transformer:  # the CNN options stay as they are, for the next CNN
+            fields = ("criterion", "cap", "recalibrate_bn", "round_to", "ignored")
+            self.state.set_plan_fields(**{f: getattr(plan, f) for f in fields})
+        else:
+            self._recipe_options(plan)
+        for target in self.state.targets:
+            self.state.set_locked(target.name, target.name in plan.locked)
+        self.state.set_all(plan.ratios, f"load recipe {name}")
+        self.session.log(f"Loaded recipe {name}: {len(plan.active())} targets to prune")
+        self._recipe_loaded = True
+        self._apply_if_pending()
+
+    def _recipe_options(self, plan: PruningPlan) -> None:
         self.criterion.setCurrentText(plan.criterion)
         self.cap.setValue(plan.cap)
         self.recalibrate.setChecked(plan.recalibrate_bn)
@@ -76,12 +93,6 @@ class PlannerRecipes:
             index = self.round_to.count() - 1
         self.round_to.setCurrentIndex(index)
         self.state.set_plan_fields(ignored=plan.ignored)
-        for target in self.state.targets:
-            self.state.set_locked(target.name, target.name in plan.locked)
-        self.state.set_all(plan.ratios, f"load recipe {name}")
-        self.session.log(f"Loaded recipe {name}: {len(plan.active())} targets to prune")
-        self._recipe_loaded = True
-        self._apply_if_pending()
 
     def _apply_if_pending(self, *_args: object) -> None:
         if self._apply_when_loaded and self._recipe_loaded and self.session.data is not None:

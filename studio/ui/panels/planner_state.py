@@ -15,7 +15,9 @@ from PySide6.QtGui import QUndoCommand, QUndoStack
 
 from studio.core.plan.allocate import CostModel, PlanTarget, predicted_drop
 from studio.core.plan.plan import PruningPlan
+from studio.core.scan.heads import HeadScan
 from studio.core.scan.types import ScanReport
+from studio.ui.panels.planner_hf import TransformerCost
 
 SCAN_MODE = {"structured": "structured", "unstructured": "unstructured", "nm": "nm"}
 
@@ -27,6 +29,7 @@ class Prediction:
     params: int
     macs: int
     drop: float | None  # summed per-target drop from the scan, None without a matching scan
+    # (transformers: the transformer scan's predicted loss increase)
     target_drops: dict[str, float]
     removed_params: dict[str, int]  # parameters each target's ratio alone removes
     removed_macs: dict[str, int]
@@ -64,16 +67,17 @@ class PlannerState(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.cost: CostModel | None = None
+        self.cost: CostModel | TransformerCost | None = None
         self.plan = PruningPlan()
         self.report: ScanReport | None = None
+        self.transformer_scan: HeadScan | None = None
         self.undo_stack = QUndoStack(self)
 
     @property
     def targets(self) -> list[PlanTarget]:
         return self.cost.targets if self.cost is not None else []
 
-    def start(self, cost: CostModel | None, plan: PruningPlan) -> None:
+    def start(self, cost: CostModel | TransformerCost | None, plan: PruningPlan) -> None:
         """New targets (another model or method): the plan starts over, undo history too."""
         self.cost = cost
         self.plan = plan
@@ -86,9 +90,21 @@ class PlannerState(QObject):
         self.report = report
         self.changed.emit()
 
+    def set_head_scan(self, scan: HeadScan | None) -> None:
+        """A transformer's head/MLP scan, for the predicted drops of a transformer's plan."""
+        self.transformer_scan = scan
+        self.changed.emit()
+
     def scan_matches(self) -> bool:
         r = self.report
-        return r is not None and r.settings.mode == SCAN_MODE.get(self.plan.method)
+        return isinstance(r, ScanReport) and r.settings.mode == SCAN_MODE.get(self.plan.method)
+
+    def head_scan(self) -> HeadScan | None:
+        """The transformer scan on show, if it was made for a model shaped like this one."""
+        cost, r = self.cost, self.transformer_scan
+        if isinstance(cost, TransformerCost) and r is not None and cost.fits(r):
+            return r
+        return None
 
     # --- edits ---------------------------------------------------------------------------
 
@@ -143,7 +159,11 @@ class PlannerState(QObject):
             removed_params[name] = self.cost.params_before - p
             removed_macs[name] = self.cost.macs_before - m
         drop, drops = None, {}
-        if self.scan_matches():
+        head_scan = self.head_scan()
+        if head_scan is not None:
+            assert isinstance(self.cost, TransformerCost)
+            drop, drops = self.cost.predicted_drops(head_scan, ratios)
+        elif self.scan_matches():
             assert self.report is not None
             drop, drops = predicted_drop(ratios, self.report)
         return Prediction(params, macs, drop, drops, removed_params, removed_macs)

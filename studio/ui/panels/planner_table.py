@@ -20,6 +20,7 @@ from superqt import QLabeledDoubleSlider
 from studio.core.plan.allocate import PlanTarget
 from studio.ui import format as fmt
 from studio.ui.panels import scan_text
+from studio.ui.panels.planner_hf import TransformerCost
 from studio.ui.panels.planner_state import PlannerState, Prediction
 from studio.ui.widgets.heatmap import HEAT
 
@@ -76,7 +77,8 @@ class PlannerTable(QTableWidget):
         self.setRowCount(0)
         self.sliders.clear()
         self.locks.clear()
-        targets = self.state.targets
+        # a transformer's layers are shown by TransformerTable
+        targets = [] if isinstance(self.state.cost, TransformerCost) else self.state.targets
         self.setRowCount(len(targets))
         for row, target in enumerate(targets):
             item = QTableWidgetItem(target.name)
