@@ -3,6 +3,10 @@
 Records arrive from the training job many times a second; they are appended to preallocated
 numpy buffers (:class:`Series`) and the curves are redrawn from those buffers by a timer on
 the GUI thread, at most every ``REDRAW_MS`` and only when something new arrived.
+
+Validation quality is accuracy or agreement (in %) for classifiers, perplexity (lower is
+better) for a causal language model and cosine to the original for a text encoder, as the
+epoch records carry them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ from studio.core.train.types import TrainRecord
 
 REDRAW_MS = 100
 BLUE, ORANGE, GREEN, GREY = "#1f6feb", "#d9480f", "#2f9e44", "#868e96"
+# metric -> (chart title, axis label, factor from the record's value to the plotted one)
+QUALITY = {
+    "accuracy": ("Validation accuracy", "accuracy (%)", 100.0),
+    "agreement": ("Agreement with the original", "agreement (%)", 100.0),
+    "perplexity": ("Validation perplexity (lower is better)", "perplexity", 1.0),
+    "cosine": ("Cosine to the original (validation)", "cosine", 1.0),
+}
 
 
 class Series:
@@ -74,7 +85,7 @@ class TrainingCharts(pg.GraphicsLayoutWidget):
             angle=0,
             pen=pg.mkPen(GREY, width=1.5, style=Qt.PenStyle.DashLine),
             movable=False,
-            label="unpruned {value:.2f} %",
+            label="unpruned {value:.2f} %",  # set for the metric by reset()
             labelOpts={"position": 0.15, "color": GREY, "anchors": [(0, 1), (0, 1)]},
         )
         self.reference_line.setVisible(False)
@@ -105,41 +116,48 @@ class TrainingCharts(pg.GraphicsLayoutWidget):
     # ---- feeding ------------------------------------------------------------------------
 
     def reset(self, metric: str = "accuracy", reference: float | None = None) -> None:
-        """Empty every chart; ``metric`` is accuracy or agreement, ``reference`` the unpruned
-        model's value of it (a dashed line), as a fraction."""
+        """Empty every chart; ``metric`` is accuracy, agreement (fractions, shown in %),
+        perplexity or cosine, ``reference`` the unpruned model's value of it (a dashed line)."""
         for series in self.series.values():
             series.clear()
         self.quality_metric = metric
-        self.quality_plot.setTitle(
-            "Validation accuracy" if metric == "accuracy" else "Agreement with the original"
+        title, label, factor = QUALITY[metric]
+        self.quality_plot.setTitle(title)
+        self.quality_plot.setLabel("left", label)
+        self.reference_line.label.setFormat(
+            "unpruned {value:.2f} %" if factor == 100.0 else "unpruned {value:.4g}"
         )
-        self.quality_plot.setLabel("left", f"{metric} (%)")
         self.set_reference(reference)
         self.best = None
         self.best_marker.setData([], [])
         self.best_line.setVisible(False)
         self._dirty = True
 
+    @property
+    def _factor(self) -> float:
+        return QUALITY[self.quality_metric][2]
+
     def set_reference(self, value: float | None) -> None:
         self.reference_line.setVisible(value is not None)
         if value is not None:
-            self.reference_line.setValue(100 * value)
+            self.reference_line.setValue(self._factor * value)
 
     def add_start(self, value: float | None) -> None:
         """The pruned model's quality before training, at step 0."""
         if value is not None:
-            self.series["quality"].append(0, 100 * value)
+            self.series["quality"].append(0, self._factor * value)
             self._dirty = True
 
     def add(self, record: TrainRecord) -> None:
         if record.kind == "step":
             self.series["loss"].append(record.step, record.loss)
         else:
-            value = record.val_accuracy if self.quality_metric == "accuracy" else record.agreement
+            field = "val_accuracy" if self.quality_metric == "accuracy" else self.quality_metric
+            value = getattr(record, field)
             if value is not None:
-                self.series["quality"].append(record.step, 100 * value)
+                self.series["quality"].append(record.step, self._factor * value)
                 if record.is_best:
-                    self.best = (record.step, 100 * value, record.epoch)
+                    self.best = (record.step, self._factor * value, record.epoch)
         self.series["lr"].append(record.step, record.lr)
         self.series["sparsity"].append(record.step, 100 * record.sparsity)
         self._dirty = True

@@ -1,7 +1,9 @@
 """The Training tab's settings form: optimizer, schedule, augmentation, distillation, stopping.
 
 It only reads widgets into a :class:`FinetuneSettings` (which validates them with one-line
-messages); it starts nothing.
+messages); it starts nothing. For a language model it shows the core's text defaults
+(:meth:`FinetuneSettings.for_text`: AdamW at 3e-4, batches of 16 sequences, distillation at
+T=1) and hides the image augmentation.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class TrainingForm(QWidget):
         self.patience.setSpecialValueText("off")
 
         training = QGroupBox("Optimisation")
-        form = QFormLayout(training)
+        self._form = form = QFormLayout(training)
         form.addRow("Epochs", self.epochs)
         form.addRow("Batch size", self.batch_size)
         form.addRow("Optimizer", self.optimizer)
@@ -97,7 +99,34 @@ class TrainingForm(QWidget):
         layout.addWidget(training)
         layout.addWidget(distillation)
         self._teacher_available = True
+        self.text = False  # showing the defaults for a language model
         self._update()
+
+    def use_defaults(self, text: bool) -> None:
+        """Show the defaults for a language model (``text``) or for images, when the kind of
+        model changes (edits made for one kind stay while it does not)."""
+        if text == self.text:
+            return
+        self.text = text
+        d = FinetuneSettings.for_text() if text else DEFAULTS
+        self.epochs.setValue(d.epochs)
+        self.batch_size.setValue(d.batch_size)
+        self.optimizer.setCurrentIndex(self.optimizer.findData(d.optimizer))
+        self.lr.setValue(d.learning_rate)
+        self.schedule.setCurrentIndex(self.schedule.findData(d.schedule))
+        self.warmup.setValue(d.warmup_epochs)
+        self.weight_decay.setValue(d.weight_decay)
+        self.augment.setChecked(d.augment == "shift")
+        self.flips.setChecked(d.flips)
+        self.temperature.setValue(d.distill_temperature)
+        self.distill_weight.setValue(d.distill_weight)
+        for widget in (self.augment, self.flips):
+            self._form.setRowVisible(widget, not text)
+        self.distill_weight.setToolTip(
+            "weight of distillation vs the next-token loss"
+            if text
+            else "weight of distillation vs the labels' loss"
+        )
 
     def set_teacher_available(self, available: bool, why: str = "") -> None:
         """Distillation needs the unpruned model; without one the options are disabled."""
@@ -119,8 +148,8 @@ class TrainingForm(QWidget):
             schedule=self.schedule.currentData(),
             warmup_epochs=min(self.warmup.value(), float(self.epochs.value())),
             weight_decay=self.weight_decay.value(),
-            augment="shift" if self.augment.isChecked() else "none",
-            flips=self.flips.isChecked(),
+            augment="shift" if self.augment.isChecked() and not self.text else "none",
+            flips=self.flips.isChecked() and not self.text,
             distill_temperature=self.temperature.value(),
             distill_weight=self.distill_weight.value() if self.distilling else 0.0,
             early_stopping_patience=self.patience.value() or None,

@@ -6,6 +6,10 @@ reaches the charts as a ``partial`` item. Pause blocks the job between steps; Ca
 after the current step. Checkpoints go to a folder keyed by the model, the data and the
 settings, so Start after a cancel (or a crash) continues from the last finished epoch; Start
 over discards that checkpoint.
+
+A language model (a Hugging Face folder on text data) trains on the text's calibration split
+and validates on its validation split, with the core's text defaults in the form, and its
+perplexity is charted beside the loss; it is saved as a Hugging Face folder or ONNX.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from studio.core.models.loaded import ONNX, LoadedModel
 from studio.core.models.pruned_file import save_model
 from studio.core.train.types import FinetuneResult, TrainRecord, history_csv
 from studio.ui import format as fmt
+from studio.ui.dialogs import export_hf
 from studio.ui.panels.training_charts import TrainingCharts
 from studio.ui.panels.training_form import TrainingForm
 from studio.ui.panels.training_run import (
@@ -43,8 +48,9 @@ from studio.ui.panels.training_run import (
     RunStarted,
     checkpoint_folder,
     describe_record,
+    quality_metric,
+    session_split,
     summary_text,
-    training_split,
     training_stream,
 )
 from studio.ui.runner import Job, JobRunner
@@ -71,6 +77,7 @@ class TrainingPanel(QWidget):
         self.pause_token = PauseToken()
         self.history: list[TrainRecord] = []
         self.checkpoint: Path | None = None  # folder of the last run started
+        self.save_job: Job | None = None  # a transformer being written
         self._start_when_pruned = False
         self._build()
         runner.partial.connect(self._on_partial)
@@ -199,7 +206,7 @@ class TrainingPanel(QWidget):
         try:
             student.require("fine-tuning")
             settings = self.form.settings()
-            train, val, _ = training_split(data)
+            train, val, _ = session_split(data, self.session.calibration)
         except StudioError as exc:
             self._fail("Cannot fine-tune", str(exc))
             return None
@@ -215,7 +222,8 @@ class TrainingPanel(QWidget):
 
         self.history = []
         self.baseline = None
-        self.charts.reset("accuracy" if val.labelled else "agreement", self._reference())
+        metric = quality_metric(student, val)
+        self.charts.reset(metric, self._reference(metric))
         # on Ray the job stays in the window's process, where the connection is
         self.job = self.runner.start_stream("Fine-tuning", work, isolate=not compute.on_ray)
         self.session.log(
@@ -251,7 +259,7 @@ class TrainingPanel(QWidget):
             return
         try:
             settings = self.form.settings()
-            train, val, _ = training_split(data)
+            train, val, _ = session_split(data, self.session.calibration)
         except StudioError as exc:
             self._fail("Cannot fine-tune", str(exc))
             return
@@ -271,9 +279,38 @@ class TrainingPanel(QWidget):
         result = self.session.finetuned
         if result is None:
             raise StudioError("there is no fine-tuned model to save yet")
+        if export_hf.is_hf(result.model):
+            return export_hf.save_transformer(result.model, path, self.session.input_files())
         return save_model(result.model, path, self.session.input_files())
 
+    def save_transformer(self, path: str | Path) -> Job | None:
+        """Write the fine-tuned transformer (a folder, or .onnx) in the background."""
+        result = self.session.finetuned
+        if result is None or (self.save_job is not None and not self.save_job.done):
+            return None
+        try:
+            target = export_hf.check_path(path)
+        except StudioError as exc:
+            self._fail("Could not save the model", str(exc))
+            return None
+        model, protected = result.model, self.session.input_files()
+
+        def work(progress: ProgressFn, cancel: CancelToken) -> Path:
+            return export_hf.save_transformer(model, target, protected, progress, cancel)
+
+        self.save_job = self.runner.start(f"Saving {target.name}", work)
+        self._update_controls()
+        return self.save_job
+
     def _ask_save_model(self) -> None:
+        finetuned = self.session.finetuned
+        if finetuned is not None and export_hf.is_hf(finetuned.model):
+            suggested = f"{charts.model_stem(self.session)}-finetuned"
+            filters = f"{export_hf.FOLDER_FILTER};;{export_hf.ONNX_FILTER}"
+            path, _ = QFileDialog.getSaveFileName(self, "Save fine-tuned model", suggested, filters)
+            if path:
+                self.save_transformer(path)
+            return
         model = self.session.model
         onnx = model is not None and model.kind == ONNX  # the model's own format first
         suffix = ".onnx" if onnx else ".pt"
@@ -331,6 +368,10 @@ class TrainingPanel(QWidget):
         )
 
     def _on_finished(self, job: Job, result: object) -> None:
+        if job is self.save_job:
+            self.session.log(f"Saved the fine-tuned model to {result}")
+            self._update_controls()
+            return
         if job is not self.job or not isinstance(result, FinetuneResult):
             return
         self.charts.redraw()
@@ -343,6 +384,9 @@ class TrainingPanel(QWidget):
         self._update_controls()
 
     def _on_failed(self, job: Job, message: str) -> None:
+        if job is self.save_job:
+            self._fail("Could not save the model", message, job.traceback)
+            self._update_controls()
         if job is self.job:
             self.eta.setText("")
             self._fail("Fine-tuning failed", message, job.traceback)
@@ -368,15 +412,23 @@ class TrainingPanel(QWidget):
 
     # ---- text ---------------------------------------------------------------------------
 
-    def _reference(self) -> float | None:
+    def _reference(self, metric: str = "accuracy") -> float | None:
         """The unpruned model's quality on the evaluation data (the dashed line)."""
-        evaluation = self.session.evaluation
-        if evaluation is None or self.session.pruned is None:
+        evaluation, pruned = self.session.evaluation, self.session.pruned
+        if pruned is None:
+            return None
+        if metric == "perplexity":  # the unpruned model on the validation text
+            before = pruned.quality_before
+            if before is not None and before.perplexity is not None:
+                return before.perplexity
+            return evaluation.perplexity if evaluation is not None else None
+        if evaluation is None:
             return None
         return evaluation.accuracy if self.session.data and self.session.data.labelled else None
 
     def _describe(self, record: TrainRecord) -> str:
-        return describe_record(record, self.form.epochs.value(), self.charts.best)
+        charts = self.charts
+        return describe_record(record, self.form.epochs.value(), charts.best, charts.quality_metric)
 
     # ---- state --------------------------------------------------------------------------
 
@@ -385,13 +437,14 @@ class TrainingPanel(QWidget):
             self._start_when_pruned = False
             QTimer.singleShot(0, self.start)
         student, data = self.student(), self.session.data
+        self.form.use_defaults(student is not None and student.is_text)
         if student is None:
             text = "Open a model, prune it in the Planner, then fine-tune it here."
         elif data is None:
             text = f"{student.name}: open data to fine-tune on (Data menu)."
         else:
             try:
-                _, _, split = training_split(data)
+                _, _, split = session_split(data, self.session.calibration)
             except StudioError as exc:
                 split = str(exc)
             params = sum(p.numel() for p in student.module.parameters())
@@ -413,5 +466,8 @@ class TrainingPanel(QWidget):
         self.pause_button.setText("Resume" if self.pause_token.paused and running else "Pause")
         self.cancel_button.setEnabled(running and not (self.job and self.job.token.cancelled))
         self.form.setEnabled(not running)
-        self.save_model_button.setEnabled(self.session.finetuned is not None and not running)
+        saving = self.save_job is not None and not self.save_job.done
+        self.save_model_button.setEnabled(
+            self.session.finetuned is not None and not running and not saving
+        )
         self.saving.set_enabled(bool(self.history))

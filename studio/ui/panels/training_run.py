@@ -45,6 +45,28 @@ def training_split(data: DataSet) -> tuple[DataSet, DataSet, str]:
     )
 
 
+def session_split(data: DataSet, calibration: DataSet | None) -> tuple[DataSet, DataSet, str]:
+    """:func:`training_split`, except for text data: it trains on its calibration split and
+    validates on the validation split the session evaluates on (as ``studio finetune``)."""
+    if calibration is None:
+        return training_split(data)
+    return (
+        calibration,
+        data,
+        f"trains on {calibration.name} ({len(calibration):,} sequences), validates on "
+        f"{data.name} ({len(data):,})",
+    )
+
+
+def quality_metric(student: LoadedModel, val: DataSet) -> str:
+    """What the epoch records measure on the validation data (as FinetuneJob chooses)."""
+    if student.task == "causal-lm":
+        return "perplexity"
+    if student.task == "embedding":
+        return "cosine"
+    return "accuracy" if val.labelled else "agreement"
+
+
 def checkpoint_folder(
     student: LoadedModel,
     teacher: LoadedModel | None,
@@ -142,7 +164,11 @@ def training_stream(
 
 def summary_text(result: FinetuneResult) -> str:
     """One line for the status: epochs, time, best epoch, quality before → after."""
-    if result.accuracy_after is not None and result.accuracy_before is not None:
+    if result.perplexity_after is not None and result.perplexity_before is not None:
+        quality = f"perplexity {result.perplexity_before:.4g} → {result.perplexity_after:.4g}"
+    elif result.cosine_after is not None and result.cosine_before is not None:
+        quality = f"cosine to the original {result.cosine_before:.4f} → {result.cosine_after:.4f}"
+    elif result.accuracy_after is not None and result.accuracy_before is not None:
         quality = (
             f"accuracy {result.accuracy_before:.2%} → {result.accuracy_after:.2%} "
             f"({(result.accuracy_after - result.accuracy_before) * 100:+.2f} points)"
@@ -161,11 +187,15 @@ def summary_text(result: FinetuneResult) -> str:
     return text
 
 
-def describe_record(record: TrainRecord, epochs: int, best: tuple | None) -> str:
+def describe_record(
+    record: TrainRecord, epochs: int, best: tuple | None, metric: str = "accuracy"
+) -> str:
     """The status line while training: epoch, loss, learning rate, speed, best so far
-    (``best``: the charts' (step, quality %, epoch) of the best epoch)."""
+    (``best``: the charts' (step, quality as plotted, epoch) of the best epoch)."""
     text = f"Epoch {record.epoch:.2f} of {epochs} · loss {record.loss:.4f}"
     text += f" · lr {record.lr:.2e} · {record.samples_per_s:,.0f} samples/s"
     if best is not None:
-        text += f" · best so far: epoch {best[2]:.0f}, {best[1]:.2f} %"
+        percent = metric in ("accuracy", "agreement")
+        value = f"{best[1]:.2f} %" if percent else f"{metric} {best[1]:.4g}"
+        text += f" · best so far: epoch {best[2]:.0f}, {value}"
     return text
