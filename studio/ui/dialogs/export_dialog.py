@@ -8,7 +8,9 @@ figures beside the float ones. Errors are one line in the dialog.
 
 The chosen model's own format comes first and is chosen (ONNX for a model opened from ONNX,
 TorchScript and .pt2 for those; ONNX, the format to ship, for eager models), and a model opened
-from ONNX is offered its own opset and dynamic dims.
+from ONNX is offered its own opset and dynamic dims. A transformer from a Hugging Face folder is
+offered a Hugging Face folder first (written, loaded back and compared:
+:mod:`studio.ui.dialogs.export_hf`), then ONNX with ``input_ids`` in.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from PySide6.QtWidgets import (
 
 from studio.core.export.types import FORMATS, SUFFIXES
 from studio.core.models.loaded import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel
+from studio.ui.dialogs import export_hf
+from studio.ui.dialogs.export_hf import HF_FOLDER
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import ERROR, Session
 
@@ -46,7 +50,10 @@ FORMAT_LABELS = {
     "torchscript": "TorchScript",
     "pytorch": "PyTorch",
     "pt2": "torch.export (.pt2)",
+    HF_FOLDER: "Hugging Face folder",
 }
+SUFFIX_OF = {**SUFFIXES, HF_FOLDER: ("",)}  # a folder: a name without a suffix
+HF_FORMATS = (HF_FOLDER, "onnx")
 OWN_FORMAT = {ONNX: "onnx", TORCHSCRIPT: "torchscript", EXPORTED: "pt2"}
 INT8_LABELS = (("None", None), ("INT8 dynamic", "dynamic"), ("INT8 static (calibrated)", "static"))
 
@@ -64,7 +71,10 @@ def model_choices(session: Session) -> list[tuple[str, LoadedModel]]:
 
 
 def format_order(model: LoadedModel | None) -> tuple[str, ...]:
-    """The export formats with ``model``'s own first (eager models: ONNX, to ship)."""
+    """The export formats with ``model``'s own first (eager models: ONNX, to ship; a
+    transformer from a Hugging Face folder: a folder, then ONNX)."""
+    if export_hf.is_hf(model):
+        return HF_FORMATS
     own = OWN_FORMAT.get(model.kind, FORMATS[0]) if model is not None else FORMATS[0]
     return (own, *(f for f in FORMATS if f != own))
 
@@ -90,9 +100,10 @@ def _pct(value: float | None) -> str:
 
 def result_html(result: Any, quantized: Any = None) -> str:
     """The export's (and the INT8 model's) figures as a small HTML table."""
+    shown = FORMAT_LABELS[HF_FOLDER] if result.format == HF_FOLDER else result.format
     rows = [
         ("File", html.escape(str(result.path))),
-        ("Format", f"{result.format}" + (f", opset {result.opset}" if result.opset else "")),
+        ("Format", f"{shown}" + (f", opset {result.opset}" if result.opset else "")),
         ("Parameters", f"{result.params:,} in the file, {result.params_model:,} in the model"),
         ("Largest output difference", f"{result.max_abs_diff:.2g} (batch {result.batch_sizes})"),
         ("Size", f"{result.bytes:,} bytes"),
@@ -267,23 +278,29 @@ class ExportDialog(QDialog):
         self.dynamic.setText(dynamic_label(model))
         axes = model.onnx_dynamic_axes if model is not None else None
         self.dynamic.setEnabled(axes is None or bool(axes))
+        if export_hf.is_hf(model):  # the text exporter always makes both dims dynamic
+            self.dynamic.setText("Dynamic batch and sequence (always, for transformers)")
+            self.dynamic.setChecked(True)
+            self.dynamic.setEnabled(False)
         self._format_changed()
 
     def _format_changed(self, *_args: object) -> None:
         onnx = self.chosen_format() == "onnx"
         self.opset.setEnabled(onnx)
-        self.int8.setEnabled(onnx)
-        if not onnx:
+        hf = export_hf.is_hf(self.chosen_model())
+        self.int8.setEnabled(onnx and not hf)
+        self.int8.setToolTip("INT8 is not offered for transformers yet" if hf else "")
+        if not onnx or hf:
             self.int8.setCurrentIndex(0)
         self._suggest_path()
 
     def _suggest_path(self) -> None:
         """Keep the file name, give it the format's suffix (or suggest one from the model)."""
-        suffix = SUFFIXES[self.chosen_format()][0]
+        suffix = SUFFIX_OF[self.chosen_format()][0]
         text = self.path.text().strip()
         if text:
             current = Path(text)
-            if current.suffix.lower() not in SUFFIXES[self.chosen_format()]:
+            if current.suffix.lower() not in SUFFIX_OF[self.chosen_format()]:
                 self.path.setText(str(current.with_suffix(suffix)))
             return
         model = self.chosen_model()
@@ -295,10 +312,9 @@ class ExportDialog(QDialog):
 
     def browse(self) -> None:
         fmt = self.chosen_format()
-        pattern = " ".join(f"*{s}" for s in SUFFIXES[fmt])
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export to", self.path.text(), f"{FORMAT_LABELS[fmt]} ({pattern})"
-        )
+        pattern = " ".join(f"*{s}" for s in SUFFIX_OF[fmt])
+        label = export_hf.FOLDER_FILTER if fmt == HF_FOLDER else f"{FORMAT_LABELS[fmt]} ({pattern})"
+        path, _ = QFileDialog.getSaveFileName(self, "Export to", self.path.text(), label)
         if path:
             self.path.setText(path)
 
@@ -320,6 +336,8 @@ class ExportDialog(QDialog):
             self._fail(f"{path.name} is the file the model was opened from: choose another name.")
             return None
         fmt = self.chosen_format()
+        if fmt == HF_FOLDER:
+            return self._start_folder(model, path, protected)
         mode = self.int8.currentData() if fmt == "onnx" else None
         data = self.session.data
         if mode == "static" and data is None:
@@ -363,6 +381,17 @@ class ExportDialog(QDialog):
                 cancel=cancel,
             )
             return result, quantized
+
+        self.message.setText("")
+        self.job = self.runner.start(f"Export to {path.name}", work)
+        self._set_busy(True)
+        return self.job
+
+    def _start_folder(self, model: LoadedModel, path: Path, protected: tuple) -> Job:
+        """A transformer as a Hugging Face folder, loaded back and compared."""
+
+        def work(progress: Any, cancel: Any) -> tuple[Any, None]:
+            return export_hf.export_folder(model, path, protected, progress, cancel), None
 
         self.message.setText("")
         self.job = self.runner.start(f"Export to {path.name}", work)
