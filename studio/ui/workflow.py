@@ -173,6 +173,9 @@ class Workflow(QObject):
             "Could not load the text",
             lambda splits: self._on_text(model, spec, splits),
             spec,
+            # no model runs, and the tokenizer is already here: a process of its own would
+            # import transformers again to unpickle it (seconds), for a second's work
+            isolate=False,
         )
         self._tokenizing = (self._data_job, spec)
         return self._data_job
@@ -353,8 +356,9 @@ class Workflow(QObject):
         title: str,
         on_result: Callable[[Any], None],
         subject: str,
+        isolate: bool = True,
     ) -> Job:
-        job = self.runner.start(name, fn)
+        job = self.runner.start(name, fn, isolate=isolate)
         self._handlers[job] = (title, on_result, subject)
         return job
 

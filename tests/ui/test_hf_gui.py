@@ -194,3 +194,35 @@ def test_cancel_stops_the_head_scan(qtbot, panel: SensitivityPanel) -> None:
         view.cancel()
     assert not view.running and view.status.text().startswith("Cancelled after")
     assert view.start_button.isEnabled() and panel.session.head_scan is None
+
+
+def test_a_scan_from_another_tab_shows_with_absent_groups_grey(qtbot) -> None:
+    """A HeadScan set on the session (the Planner runs one too) is drawn; a layer with fewer
+    head groups (a pruned model) has NaN cells that say so."""
+    from studio.ui.panels.head_scan_view import HeadScanView
+
+    session, runner = Session(), JobRunner()
+    view = HeadScanView(session, runner)
+    qtbot.addWidget(view)
+    heads = np.array([[0.1, 0.4, 0.2, 0.0], [0.3, -0.01, 0.5, 0.2], [0.05, 0.6, np.nan, np.nan]])
+    scan = HeadScan(
+        layers=["h.0", "h.1", "h.2"],
+        groups=[4, 4, 2],
+        heads_per_group=[2, 2, 2],
+        metric="perplexity",
+        baseline=2.0,
+        head_drop=heads,
+        mlp_ratios=(0.25, 0.5),
+        mlp_drop=np.array([[0.0, 0.1], [0.2, 0.3], [0.1, 0.9]]),
+        layer_drop=np.array([0.5, 1.0, 2.0]),
+        samples=8,
+    )
+    session.set_head_scan(scan)
+    assert view.scan is scan and view.save_csv_button.isEnabled()
+    shown = scan.shown(heads)
+    np.testing.assert_allclose(view.heatmap.values, shown)  # NaN where a layer has no group
+    assert view.heatmap.columns == ["kv0 (q0-1)", "kv1 (q2-3)", "kv2 (q4-5)", "kv3 (q6-7)"]
+    assert view.heatmap.levels() == (0.0, pytest.approx(np.nanmax(shown)))  # 0 = pale
+    assert view.heatmap.describe(2, 3) == "h.2: has 2 head groups, no group 3"
+    assert "perplexity 7.3891 → " in view.heatmap.describe(0, 1)
+    runner.shutdown(timeout=5)

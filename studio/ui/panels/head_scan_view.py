@@ -67,6 +67,7 @@ class HeadScanView(QWidget):
         runner.finished.connect(self._on_finished)
         runner.failed.connect(self._on_failed)
         runner.cancelled.connect(self._on_cancelled)
+        session.head_scan_changed.connect(self._on_head_scan)
 
     # --- layout --------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class HeadScanView(QWidget):
         s = self.session
         if s.model is None or s.data is None or self.running:
             return None
-        data = s.calibration or s.data
+        data = s.calibration if s.calibration is not None else s.data
         try:
             self.scan = text.empty_scan(s.model)
         except StudioError as exc:
@@ -150,6 +151,8 @@ class HeadScanView(QWidget):
             "Sensitivity scan", head_scan_job(model, data, self.use_cache.isChecked())
         )
         s.log(f"Head/MLP/layer scan of {model.name} on {data.name}")
+        if s.compute.on_ray:
+            s.log("The head/MLP/layer scan runs on this machine: it has no Ray path", WARNING)
         self.status.setText("Measuring the unpruned model, then one layer at a time…")
         self.redraw()
         self.update_controls()
@@ -228,6 +231,15 @@ class HeadScanView(QWidget):
         self.session.log(f"Head/MLP/layer scan cancelled after {done} of {total} layers", WARNING)
         self.update_controls()
 
+    def _on_head_scan(self, scan: HeadScan | None) -> None:
+        """A scan another tab ran (the Planner's sensitivity allocation) is shown here too."""
+        if scan is None or scan is self.scan or self.running:
+            return
+        self.scan = scan
+        self.redraw()
+        self.status.setText(text.summary(scan))
+        self.update_controls()
+
     def _fail(self, title: str, message: str, trace: str = "") -> None:
         self.status.setText(f"{title}: {message}")
         self.session.log_failure(title, message, trace)
@@ -270,7 +282,7 @@ class HeadScanView(QWidget):
         if s.model is None or s.data is None:
             self.status.setText("Open a model and text data to scan its heads and layers.")
         elif self.ready() and self.scan is None:
-            data = s.calibration or s.data
+            data = s.calibration if s.calibration is not None else s.data
             self.status.setText(
                 f"Ready to scan {s.model.name} on {data.name} ({len(data):,} sequences; "
                 f"the scan measures on up to {SCAN_SEQUENCES})."
