@@ -45,6 +45,7 @@ SIDE_BRUSH = QColor("#bd0026")
 # line up exactly) and right of the colour bar (column 5): a gap, then the bars and their axis
 SIDE_GAP_COLUMN, SIDE_COLUMN, SIDE_GAP = 6, 7, 24
 SIDE_STRETCH = (4, 1)  # widths of the cells and of the side bars
+SIDE_MIN_WIDTH = 140  # room for the bars' axis title
 
 Describer = Callable[[int, int], str]
 RowDescriber = Callable[[int], str]
@@ -151,6 +152,7 @@ class HeatmapView(QWidget):
             return
         if self.side is None:
             self.side = pg.ViewBox(enableMouse=False, enableMenu=False)
+            self.side.setMinimumWidth(SIDE_MIN_WIDTH)
             self.side.invertY(True)
             self.side.setYLink(self.plot.vb)
             self.side_axis = pg.AxisItem("bottom", linkView=self.side)
@@ -160,6 +162,7 @@ class HeatmapView(QWidget):
                 x0=[], y=[], width=[], height=0.7, brush=SIDE_BRUSH, pen=None
             )
             self.side.addItem(self._side_bars)
+            self.side.addItem(pg.InfiniteLine(0.0, angle=90, pen=pg.mkPen("#666666", width=1)))
             layout.addItem(self.side, 2, SIDE_COLUMN)
             layout.addItem(self.side_axis, 3, SIDE_COLUMN)
             layout.setColumnFixedWidth(SIDE_GAP_COLUMN, SIDE_GAP)
