@@ -160,8 +160,13 @@ def test_the_head_scan_fills_the_heatmap_layer_by_layer(
     assert view.heatmap.columns == ["kv0 (q0-3)", "kv1 (q4-7)"]
     np.testing.assert_allclose(view.heatmap.values, scan.shown(scan.head_drop))
     assert np.isfinite(view.heatmap.values).all()
-    image = view.heatmap.image.image
-    np.testing.assert_allclose(image, scan.shown(scan.head_drop))
+    shown = scan.shown(scan.head_drop)
+    assert view.log_scale.isChecked()  # colours by order of magnitude, values exact
+    width = head_scan_text.log_width(scan)
+    expected = np.sign(shown) * np.log10(1 + np.abs(shown) / width)
+    np.testing.assert_allclose(view.heatmap.image.image, expected)
+    view.log_scale.setChecked(False)
+    np.testing.assert_allclose(view.heatmap.image.image, shown)
     assert view.heatmap.bar.getAxis("left").labelText == "perplexity increase"
     np.testing.assert_allclose(view.heatmap.side_values, scan.shown(scan.layer_drop))
     tip = view.heatmap.describe(1, 1)
@@ -174,6 +179,7 @@ def test_the_head_scan_fills_the_heatmap_layer_by_layer(
     assert view.heatmap.columns == [f"{r * 100:g}%" for r in scan.mlp_ratios]
     assert view.heatmap.values.shape == (LAYERS, len(scan.mlp_ratios))
     np.testing.assert_allclose(view.heatmap.image.image, scan.shown(scan.mlp_drop))
+    np.testing.assert_allclose(view.heatmap.values, scan.shown(scan.mlp_drop))
     assert "12.5% of the MLP neurons off" in view.heatmap.describe(0, 0)
     # saving: the scan's rows as CSV, the heatmap as PNG
     assert view.save_csv_button.isEnabled()

@@ -79,6 +79,14 @@ def levels(values: np.ndarray) -> tuple[float, float]:
     return (0.0, high if high > 0.0 else 1e-9)
 
 
+def log_width(scan: HeadScan) -> float:
+    """Where the log scale turns linear: 1 % of the baseline perplexity (changes smaller than
+    that look alike), or 0.001 of cosine."""
+    if scan.metric != "perplexity" or not math.isfinite(scan.baseline):
+        return 0.01 if scan.metric == "perplexity" else 1e-3
+    return 0.01 * scan.baseline_shown
+
+
 def _change(scan: HeadScan, shown: float) -> str:
     if math.isnan(shown):
         return "not measured yet"

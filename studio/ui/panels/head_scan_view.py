@@ -43,6 +43,8 @@ TIPS = {
     "view": "Heads: each key/value head group switched off alone\n"
     "MLP: a growing fraction of each layer's MLP neurons switched off, least important first",
     "cache": "Reuse a scan measured before for this model and data",
+    "log": "Colours and bars by order of magnitude: one unit (often the first layer) can cost\n"
+    "a thousand times what the others do. Hover a cell for its exact value.",
 }
 
 
@@ -106,6 +108,10 @@ class HeadScanView(QWidget):
             self.error.emit,
         )
         self.save_png_button, self.save_csv_button = self.saving.png, self.saving.csv
+        self.log_scale = QCheckBox("Log scale")
+        self.log_scale.setChecked(True)
+        self.log_scale.setToolTip(TIPS["log"])
+        self.log_scale.toggled.connect(lambda _: self.redraw())
         self.explain = QLabel()
         self.explain.setEnabled(False)  # drawn grey: a fact, not a control
         self.explain.setWordWrap(True)
@@ -114,6 +120,7 @@ class HeadScanView(QWidget):
         view_row = QHBoxLayout()
         view_row.addWidget(QLabel("View"))
         view_row.addWidget(self.view)
+        view_row.addWidget(self.log_scale)
         view_row.addWidget(self.explain, 1)
         view_row.addWidget(self.save_png_button)
         view_row.addWidget(self.save_csv_button)
@@ -256,6 +263,7 @@ class HeadScanView(QWidget):
         labels, title = text.columns(scan, view)
         self.heatmap.bar.setLabel("left", text.unit(scan))
         values = text.matrix(scan, view)
+        self.heatmap.set_log_scale(text.log_width(scan) if self.log_scale.isChecked() else None)
         self.heatmap.set_matrix(
             scan.layers, labels, values, levels=text.levels(values), column_title=title
         )

@@ -4,7 +4,8 @@ Built on ``pg.ImageItem`` with a ``pg.ColorBarItem`` beside it. Cells not measur
 and drawn grey. Hovering a cell shows its exact value (the owner supplies the text), clicking a
 row selects it, and rows can be shown in any order without changing the data. Optionally one
 more value per row (a transformer's whole-layer drop) is drawn as a bar beside each row, on an
-axis of its own, with its own hover text.
+axis of its own, with its own hover text; and colours and bars can follow a symmetric log
+scale (``set_log_scale``) when a few cells are orders of magnitude above the rest.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class HeatmapView(QWidget):
         self.selected = -1
         self._describe: Describer | None = None
         self._fixed_levels: tuple[float, float] | None = None
+        self._log_width: float | None = None  # symmetric log scale: linear within this of 0
         self.side: pg.ViewBox | None = None  # bars beside the rows, once set_side_bars is called
         self.side_axis: pg.AxisItem | None = None
         self.side_values: np.ndarray | None = None
@@ -132,6 +134,45 @@ class HeatmapView(QWidget):
             self.plot.getAxis("bottom").setLabel(column_title)
         self._redraw()
 
+    def set_log_scale(self, linear_width: float | None) -> None:
+        """Colours and side bars by order of magnitude: values within ``linear_width`` of
+        zero change linearly, larger ones logarithmically (the colour bar and the bars' axis
+        are labelled in the values themselves); None: linear, the default. ``values`` and
+        the hover text keep the exact numbers."""
+        self._log_width = linear_width if linear_width is None else max(linear_width, 1e-12)
+        self._redraw()
+
+    def scaled(self, values: np.ndarray) -> np.ndarray:
+        """``values`` as drawn: as they are, or on the symmetric log scale."""
+        values = np.asarray(values, dtype=float)
+        if self._log_width is None:
+            return values
+        return np.sign(values) * np.log10(1.0 + np.abs(values) / self._log_width)
+
+    def _scale_ticks(
+        self, low: float, high: float, most: int = 12, gap: float = 0.08
+    ) -> list[tuple[float, str]] | None:
+        """Ticks at 0 and the powers of ten (with 2x and 5x when few) between low and high,
+        placed on the log scale, at most ``most`` of them (every other power when more) and
+        none within ``gap`` (of the axis) of 0; None on a linear scale (pyqtgraph's ticks)."""
+        if self._log_width is None:
+            return None
+        first = int(np.ceil(np.log10(self._log_width)))  # below it the scale is linear
+        last = int(np.ceil(np.log10(max(abs(low), abs(high), self._log_width))))
+        for steps in ((1,), (1, 2, 5)):
+            magnitudes = [m * 10.0**k for k in range(first, last + 1) for m in steps]
+            values = [0.0] + [v for v in magnitudes if v <= high] + [-v for v in magnitudes]
+            values = sorted(v for v in values if low <= v <= high)
+            if len(values) >= 4:
+                break
+        while len(values) > most:
+            zero = [0.0] if 0.0 in values else []
+            values = sorted(zero + [v for v in values if v != 0.0][::-2])
+        span = float(np.ptp(self.scaled(np.array([low, high])))) or 1.0
+        ticks = [(float(self.scaled(np.array(v))), f"{v:g}") for v in values]
+        # a label close to 0's would overlap it
+        return [(x, t) for x, t in ticks if t == "0" or abs(x) >= gap * span]
+
     def set_side_bars(
         self,
         values: np.ndarray | None,
@@ -178,7 +219,7 @@ class HeatmapView(QWidget):
         if self.side is None or self._side_bars is None or self.side_values is None:
             return
         shown = self.side_values[self.order] if len(self.order) else self.side_values
-        finite = np.nan_to_num(shown, nan=0.0)
+        finite = self.scaled(np.nan_to_num(shown, nan=0.0))
         self._side_bars.setOpts(
             x0=np.minimum(finite, 0.0),
             y=np.arange(len(shown)) + 0.5,
@@ -188,7 +229,12 @@ class HeatmapView(QWidget):
         measured = shown[np.isfinite(shown)]
         low = min(0.0, float(measured.min())) if measured.size else 0.0
         high = max(0.0, float(measured.max())) if measured.size else 1.0
-        self.side.setXRange(low, high if high > low else low + 1.0, padding=0.05)
+        high = high if high > low else low + 1.0
+        ticks = self._scale_ticks(low, high, most=4, gap=0.2)  # a narrow axis
+        assert self.side_axis is not None
+        self.side_axis.setTicks(None if ticks is None else [ticks])
+        scaled_low, scaled_high = self.scaled(np.array([low, high]))
+        self.side.setXRange(float(scaled_low), float(scaled_high), padding=0.05)
 
     def set_order(self, order: Sequence[int]) -> None:
         """Show data rows in this order (a permutation of ``range(len(rows))``)."""
@@ -219,9 +265,13 @@ class HeatmapView(QWidget):
         shown = self.values[self.order] if n else self.values
         rect = QRectF(0, 0, max(m, 1), max(n, 1))
         self.background.setRect(rect)
+        shown = self.scaled(shown)
         self.image.setImage(shown if n and m else np.full((1, 1), np.nan), autoLevels=False)
         self.image.setRect(rect)
-        self.bar.setLevels(self.levels())
+        low, high = self.levels()
+        self.bar.setLevels(tuple(float(v) for v in self.scaled(np.array([low, high]))))
+        ticks = self._scale_ticks(low, high)
+        self.bar.axis.setTicks(None if ticks is None else [ticks])  # the axis with values
         left = self.plot.getAxis("left")
         left.setTicks([[(k + 0.5, _short(self.rows[i])) for k, i in enumerate(self.order)]])
         step = max(1, int(np.ceil(m / MAX_COLUMN_LABELS)))
