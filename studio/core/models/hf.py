@@ -122,7 +122,9 @@ def load_hf(
         )
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     arch = (config.get("architectures") or [None])[0]
     model_type = str(config.get("model_type") or "?")
     task, cls = _task_and_class(transformers, arch, model_type, modules_json.is_file())

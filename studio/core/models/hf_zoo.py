@@ -64,7 +64,9 @@ def build(family: str, seed: int = 0, layers: int = 4, hidden: int = 64):  # -> 
     """A random-weight transformers model of ``family`` (eager attention, float32)."""
     import transformers as tf
 
-    tf.utils.logging.disable_progress_bar()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     common = {"attn_implementation": "eager"}
     if family in ("bert", "sentence-bert"):
