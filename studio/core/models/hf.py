@@ -121,7 +121,6 @@ def load_hf(
             "runs it only for a folder you trust: pass --trust-pickle"
         )
     import transformers
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -63,7 +63,6 @@ def tokenizer(vocab: int = VOCAB, cls: bool = False):  # -> PreTrainedTokenizerF
 def build(family: str, seed: int = 0, layers: int = 4, hidden: int = 64):  # -> PreTrainedModel
     """A random-weight transformers model of ``family`` (eager attention, float32)."""
     import transformers as tf
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

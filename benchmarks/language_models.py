@@ -23,7 +23,7 @@ downloaded), pruned by 30 % of head groups and MLP neurons in every layer, cosin
 pooled embedding to the unpruned model's on the demo corpus's validation split, before and
 after distillation (1 - cosine).
 
-    python benchmarks/transformers.py [--epochs 2] [--skip-encoder] [--threads 1]
+    python benchmarks/language_models.py [--epochs 2] [--skip-encoder] [--threads 1]
 """
 
 from __future__ import annotations
