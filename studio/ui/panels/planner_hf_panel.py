@@ -45,7 +45,7 @@ class PlannerTransformer:
     result_line: Any
     _cnn_only: list  # widgets that mean nothing for a transformer (criterion, cap, BN, ...)
     _was_transformer = False
-    _cnn_keep = 50.0
+    _cnn_target = ("MACs", 50.0)
 
     @property
     def transformer(self) -> bool:
@@ -65,18 +65,18 @@ class PlannerTransformer:
             self.method.blockSignals(True)
             self.method.setCurrentText("structured")
             self.method.blockSignals(False)
-            if self.kind.currentText() not in HF_KINDS:
-                self.kind.setCurrentText("parameters")
             if self.strategy.currentText() not in HF_STRATEGIES:
                 self.strategy.setCurrentText(HF_STRATEGIES[0])
-            if not self._was_transformer:
-                self._cnn_keep = self.keep.value()
+            if not self._was_transformer:  # the CNN's target comes back with the next CNN
+                self._cnn_target = (self.kind.currentText(), self.keep.value())
+                self.kind.setCurrentText("parameters")
                 self.keep.setValue(HF_KEEP)
             self.keep.setToolTip(
                 "Percent of the model's parameters (or MACs of one sequence) to keep"
             )
         elif self._was_transformer:
-            self.keep.setValue(self._cnn_keep)
+            self.kind.setCurrentText(self._cnn_target[0])
+            self.keep.setValue(self._cnn_target[1])
             self.keep.setToolTip("")
         self.result_line.setVisible(on and bool(self.result_line.text()))
         self._was_transformer = on

@@ -39,10 +39,11 @@ class KeptSlider(QWidget):
         self, low: int, high: int, text: Callable[[int], str], sample: str, parent=None
     ) -> None:  # noqa: ANN001
         super().__init__(parent)
+        self.low = low
         self.slider = QSlider(Qt.Orientation.Horizontal)
-        self.slider.setRange(low, high)
+        self.slider.setRange(0, high)  # from none, so the handle sits at the fraction kept
         self.slider.setValue(high)
-        self.slider.setPageStep(max(1, (high - low) // 8))
+        self.slider.setPageStep(max(1, high // 8))
         self.slider.setMinimumWidth(120)
         self.label = QLabel()
         self.label.setMinimumWidth(QFontMetrics(self.label.font()).horizontalAdvance(sample) + 8)
@@ -51,6 +52,7 @@ class KeptSlider(QWidget):
         row.setContentsMargins(6, 0, 6, 0)
         row.addWidget(self.slider, 1)
         row.addWidget(self.label)
+        self.slider.valueChanged.connect(self._clamp)
         self.slider.valueChanged.connect(self._show)
         self._show(high)
 
@@ -71,7 +73,12 @@ class KeptSlider(QWidget):
         return self.slider.isSliderDown()
 
     def _show(self, value: int) -> None:
-        self.label.setText(self._text(value))
+        self.label.setText(self._text(max(value, self.low)))
+
+    def _clamp(self, value: int) -> None:
+        """At least ``low`` stays (one head group, one step of neurons)."""
+        if value < self.low:
+            self.slider.setValue(self.low)  # the slots below hear the clamped value next
 
 
 class TransformerTable(QTableWidget):
@@ -164,7 +171,9 @@ class TransformerTable(QTableWidget):
             lambda n=name: self._pressed.__setitem__(n, self.state.plan.ratio(n))
         )
         s.sliderReleased.connect(lambda n=name, f=ratio, w=slider: self._released(n, f(w.value())))
-        s.valueChanged.connect(lambda v, n=name, f=ratio, w=slider: self._moved(n, f(v), w))
+        s.valueChanged.connect(
+            lambda v, n=name, f=ratio, w=slider: self._moved(n, f(max(v, w.low)), w)
+        )
 
     def _moved(self, name: str, ratio: float, slider: KeptSlider) -> None:
         current = self.state.plan.ratio(name)
