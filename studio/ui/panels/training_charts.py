@@ -127,6 +127,14 @@ class TrainingCharts(pg.GraphicsLayoutWidget):
         self.reference_line.label.setFormat(
             "unpruned {value:.2f} %" if factor == 100.0 else "unpruned {value:.4g}"
         )
+        # the unpruned model is near the top for accuracy and the bottom for perplexity: its
+        # label goes on the side of the line that stays in view, the legend where the curve
+        # is not (it rises for accuracy, falls for perplexity)
+        lower_better = metric == "perplexity"
+        anchor = (0, 0) if lower_better else (0, 1)
+        self.reference_line.label.anchors = [anchor, anchor]
+        self.reference_line.label.updatePosition()
+        self.quality_plot.legend.setOffset((-10, 10) if lower_better else (-10, -10))
         self.set_reference(reference)
         self.best = None
         self.best_marker.setData([], [])

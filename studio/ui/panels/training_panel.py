@@ -79,6 +79,7 @@ class TrainingPanel(QWidget):
         self.checkpoint: Path | None = None  # folder of the last run started
         self.save_job: Job | None = None  # a transformer being written
         self._start_when_pruned = False
+        self._epochs_when_pruned: int | None = None
         self._build()
         runner.partial.connect(self._on_partial)
         runner.progress.connect(self._on_progress)
@@ -194,9 +195,8 @@ class TrainingPanel(QWidget):
 
     def start_when_pruned(self, epochs: int | None = None) -> None:
         """Start fine-tuning as soon as the Planner has applied a plan (used at launch)."""
-        if epochs is not None:
-            self.form.epochs.setValue(epochs)
-        self._start_when_pruned = True
+        self._epochs_when_pruned = epochs  # set when it starts: a model coming in after this
+        self._start_when_pruned = True  # shows its own kind's defaults
 
     def start(self) -> Job | None:
         """Start fine-tuning, or continue the checkpointed run of the same settings."""
@@ -234,6 +234,11 @@ class TrainingPanel(QWidget):
         self.status.setText("Preparing: evaluating the model before training…")
         self._update_controls()
         return self.job
+
+    def _start_launched(self) -> None:
+        if self._epochs_when_pruned is not None:
+            self.form.epochs.setValue(self._epochs_when_pruned)
+        self.start()
 
     def toggle_pause(self) -> None:
         if not self.running:
@@ -435,7 +440,7 @@ class TrainingPanel(QWidget):
     def _on_inputs_changed(self, *_args: object) -> None:
         if self._start_when_pruned and self.session.pruned is not None:
             self._start_when_pruned = False
-            QTimer.singleShot(0, self.start)
+            QTimer.singleShot(0, self._start_launched)
         student, data = self.student(), self.session.data
         self.form.use_defaults(student is not None and student.is_text)
         if student is None:

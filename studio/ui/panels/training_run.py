@@ -53,8 +53,8 @@ def session_split(data: DataSet, calibration: DataSet | None) -> tuple[DataSet, 
     return (
         calibration,
         data,
-        f"trains on {calibration.name} ({len(calibration):,} sequences), validates on "
-        f"{data.name} ({len(data):,})",
+        f"trains on the {len(calibration):,} sequences of {calibration.name}, validates on "
+        f"the {len(data):,} of {data.name}",
     )
 
 
