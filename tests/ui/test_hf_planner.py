@@ -21,6 +21,8 @@ from studio.ui.panels.planner_panel import PlannerPanel
 from studio.ui.panels.training_panel import TrainingPanel
 from studio.ui.runner import JobRunner
 from studio.ui.session import Session
+from studio.ui.speed_watch import LMSpeedCheck, SpeedWatch
+from studio.ui.widgets.speed_line import SpeedLine
 
 SEQ_LEN = 32
 TEXT_CHARS = 4000  # about 60 calibration and 7 validation sequences of 32 tokens
@@ -191,7 +193,7 @@ def test_text_finetune_charts_perplexity_and_saves_a_folder(
     assert form.batch_size.value() == text.batch_size
     assert form.temperature.value() == pytest.approx(text.distill_temperature)
     assert form.distilling and form.settings().augment == "none"
-    assert "trains on text.txt (calibration" in panel.subject.text()
+    assert f"trains on the {len(calibration)} sequences of text.txt (calib" in panel.subject.text()
     form.epochs.setValue(1)
     try:
         with qtbot.waitSignal(session.finetuned_changed, timeout=JOB_MS):
@@ -239,3 +241,23 @@ def test_export_offers_a_folder_first_that_loads_back(qtbot, lm, pruned, tmp_pat
     assert "Hugging Face folder" in dialog.result_view.toHtml()
     again = load_model(str(tmp_path / "pruned-lm"), input_shape=(1, SEQ_LEN))
     assert sum(p.numel() for p in again.module.parameters()) == pruned.params_after
+
+
+def test_a_pruned_language_model_is_timed_as_prefill_and_decode(qtbot, lm, pruned) -> None:
+    model, calibration, validation = lm
+    session, runner = Session(), JobRunner()
+    watch = SpeedWatch(session, runner)
+    session.set_model(model)
+    session.set_data(validation, calibration, "text.txt")
+    try:
+        with qtbot.waitSignal(watch.checked, timeout=JOB_MS, check_params_cb=lambda k, c: c):
+            session.set_pruned(pruned)
+    finally:
+        runner.shutdown(timeout=60)
+    check = watch.results["pruned"]
+    assert isinstance(check, LMSpeedCheck) and check.comparison.after.decode_ms is not None
+    line = SpeedLine()
+    qtbot.addWidget(line)
+    line.show_check(check)  # as the Result and Training tabs show it
+    assert "prefill" in line.label.text() and "decode" in line.label.text()
+    assert line.fix_button.isHidden()  # no channel fix for a transformer
