@@ -125,18 +125,20 @@ def measured_layers(scan: HeadScan) -> int:
     return int(np.isfinite(scan.layer_drop).sum())
 
 
-def summary(scan: HeadScan) -> str:
-    """One line on a finished scan: its size, baseline and where the worst cells are."""
+def summary(scan: HeadScan, data_name: str = "the data") -> str:
+    """One line on a finished scan: its size, baseline (on ``data_name``, the text it was
+    measured on) and the most sensitive head group."""
     base = (
-        f"baseline perplexity {scan.baseline_shown:.3f}"
+        f"baseline perplexity {scan.baseline_shown:.3f} on {data_name}"
         if scan.metric == "perplexity"
         else "drops in cosine similarity to the unpruned model"
     )
     heads = scan.shown(scan.head_drop)
     worst = ""
     if np.isfinite(heads).any():
-        i, g = np.unravel_index(np.nanargmax(heads), heads.shape)
-        worst = f"; most sensitive head group: {scan.layers[i]} group {g} ({heads[i, g]:+.4g})"
+        i, g = (int(k) for k in np.unravel_index(np.nanargmax(heads), heads.shape))
+        label = columns(scan, HEADS)[0][g]
+        worst = f"; most sensitive head group: {scan.layers[i]} {label} ({heads[i, g]:+.4g})"
     took = "from the cache" if scan.cached else f"in {scan.seconds:.1f} s"
     return (
         f"Done: {len(scan.layers)} layers x {max(scan.groups, default=0)} head groups, "

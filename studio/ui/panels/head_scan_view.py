@@ -216,7 +216,7 @@ class HeadScanView(QWidget):
         self.redraw()
         self.bar.setValue(BAR_STEPS)
         self.eta.setText("")
-        line = text.summary(result)
+        line = text.summary(result, self._scanned_on())
         self.status.setText(line)
         self.session.log(line.replace("Done", "Head/MLP/layer scan done"))
         self.update_controls()
@@ -244,7 +244,7 @@ class HeadScanView(QWidget):
             return
         self.scan = scan
         self.redraw()
-        self.status.setText(text.summary(scan))
+        self.status.setText(text.summary(scan, self._scanned_on()))
         self.update_controls()
 
     def _fail(self, title: str, message: str, trace: str = "") -> None:
@@ -295,6 +295,14 @@ class HeadScanView(QWidget):
                 f"Ready to scan {s.model.name} on {data.name} ({len(data):,} sequences; "
                 f"the scan measures on up to {SCAN_SEQUENCES})."
             )
+
+    def _scanned_on(self) -> str:
+        """What the scan measures on, in words: the calibration text (the model may have
+        been trained on it: its perplexity there can be far below the validation one)."""
+        s = self.session
+        if s.calibration is not None:
+            return "the calibration text"
+        return s.data.name if s.data is not None else "the data"
 
     def _suggested(self, suffix: str) -> str:
         name = charts.model_stem(self.session)
