@@ -85,6 +85,7 @@ def test_sliders_per_layer_move_whole_head_groups(qtbot, planner: PlannerPanel) 
     ratio = state.plan.ratio(first.units.attention)
     assert ratio == pytest.approx(0.5) and removed_groups(ratio, 2) == 1
     assert heads.label.text() == "4/8 heads (kv 1/2)"
+    assert first.group_params == first.units.group_params  # Llama: no biases
     expected = cost.params_before - first.units.group_params
     qtbot.waitUntil(lambda: _summary_params(planner) == expected, timeout=2000)
     assert "Heads</b> 12/16" in planner.summary.text()
@@ -167,6 +168,20 @@ def test_apply_prunes_to_the_summary_and_recipes_round_trip(
     planner.clear_button.click()
     planner.load_recipe(recipe)
     assert cost.predict(planner.state.plan.active())[0] == expected
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_the_summary_counts_biases_as_the_engine_does(family: str, tmp_path: Path) -> None:
+    """GPT-2 (fused q|k|v with biases, MLP biases) and Qwen2 (q/k/v biases): a head group and
+    a neuron own their biases too, so the Planner's count is what pruning leaves."""
+    model = load_model(str(hf_zoo.write_folder(family, tmp_path / family, layers=1)))
+    cost = TransformerCost.build(model)
+    row = cost.rows[0]
+    assert row.group_params > row.units.group_params
+    plan = base_plan(model, False).with_ratios({row.units.attention: 0.5, row.units.mlp: 0.25})
+    params, macs = cost.predict(plan.active())
+    result = prune(model, plan)
+    assert (result.params_after, result.macs_after) == (params, macs)
 
 
 @pytest.fixture(scope="module")

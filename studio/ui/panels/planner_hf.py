@@ -6,8 +6,10 @@ attention module (fraction of head groups removed) and MLP module (fraction of n
 removed); :mod:`studio.core.plan.transformer` says how a ratio becomes a count.
 :class:`TransformerCost` stands where the CNN planner has a
 :class:`~studio.core.plan.costs.CostModel`: the same ``targets``/``predict`` the planner state
-and the recipes use, counted with the core's ``params_removed`` (parameters, and MACs of one
-sequence as ``studio info`` and the engine count them).
+and the recipes use: MACs of one sequence with the core's ``params_removed`` (as ``studio
+info`` and the engine count them), parameters with the core's unit sizes plus the biases a head
+group or neuron owns (q/k/v and MLP-input biases of GPT-2, BERT, Qwen2, which the core's
+``LayerUnits`` leave out), so the summary is what Apply measures.
 """
 
 from __future__ import annotations
@@ -69,11 +71,20 @@ class LayerRow:
     name: str  # the layer module, e.g. "model.layers.3"
     units: LayerUnits
     heads_per_group: int
+    group_params: int  # parameters one head group owns, biases included
+    neuron_params: int
 
     @property
     def params(self) -> int:
         u = self.units
-        return u.groups * u.group_params + u.neurons * u.neuron_params
+        return u.groups * self.group_params + u.neurons * self.neuron_params
+
+    def params_removed(self, plan: Mapping[str, float]) -> int:
+        u = self.units
+        return (
+            removed_groups(plan.get(u.attention, 0.0), u.groups) * self.group_params
+            + removed_neurons(plan.get(u.mlp, 0.0), u.neurons) * self.neuron_params
+        )
 
     @property
     def neuron_step(self) -> int:
@@ -130,14 +141,14 @@ class TransformerCost:
                     r.units.attention,
                     (r.units.attention,),
                     r.units.groups,
-                    r.units.groups * r.units.group_params,
+                    r.units.groups * r.group_params,
                     r.units.groups * r.units.group_macs,
                 ),
                 PlanTarget(
                     r.units.mlp,
                     (r.units.mlp,),
                     r.units.neurons,
-                    r.units.neurons * r.units.neuron_params,
+                    r.units.neurons * r.neuron_params,
                     r.units.neurons * r.units.neuron_macs,
                 ),
             )
@@ -149,11 +160,15 @@ class TransformerCost:
         """From the model's layers, and one traced sequence for the MACs (hooks: give it a
         replica that nothing else runs)."""
         units = layer_units(model)
-        blocks = hf_arch.blocks(model.module.hf)
-        rows = [
-            LayerRow(b.name, u, max(1, b.heads // max(1, b.kv_heads)))
-            for b, u in zip(blocks, units, strict=True)
-        ]
+        hf = model.module.hf
+        blocks = hf_arch.blocks(hf)
+        rows = []
+        for b, u in zip(blocks, units, strict=True):
+            group_bias, neuron_bias = _unit_biases(hf, b)
+            per = max(1, b.heads // max(1, b.kv_heads))
+            rows.append(
+                LayerRow(b.name, u, per, u.group_params + group_bias, u.neuron_params + neuron_bias)
+            )
         params = sum(p.numel() for p in model.module.parameters())
         return cls(rows, params, total_macs(model))
 
@@ -161,7 +176,7 @@ class TransformerCost:
         """(parameters, MACs of one sequence) after the plan's ratios."""
         ratios = dict(ratios)
         return (
-            self.params_before - params_removed(self.units, ratios),
+            self.params_before - sum(r.params_removed(ratios) for r in self.rows),
             self.macs_before - params_removed(self.units, ratios, "macs"),
         )
 
@@ -192,6 +207,24 @@ class TransformerCost:
             name: predicted_loss_drop(scan, self.units, {name: r}) for name, r in ratios.items()
         }
         return total, each
+
+
+def _unit_biases(hf: Any, block: hf_arch.Block) -> tuple[int, int]:
+    """Bias entries one head group and one MLP neuron own: the q/k/v outputs of the group's
+    heads, and one per MLP input projection (the output projections' biases stay)."""
+    layout = hf_arch.layout_of(hf)
+    layer = hf_arch.submodule(hf, block.name)
+
+    def bias(path: str | None) -> int:
+        module = hf_arch.submodule(layer, path) if path and layer is not None else None
+        return int(module is not None and getattr(module, "bias", None) is not None)
+
+    per = max(1, block.heads // max(1, block.kv_heads))
+    if layout.qkv:  # GPT-2's fused q|k|v: no grouped attention
+        group = 3 * per * block.head_dim * bias(layout.qkv)
+    else:
+        group = block.head_dim * (per * bias(layout.q) + bias(layout.k) + bias(layout.v))
+    return group, sum(bias(path) for path in layout.mlp_in)
 
 
 def head_scan_cached(model: LoadedModel, data: DataSet) -> bool:

@@ -233,6 +233,6 @@ class TransformerTable(QTableWidget):
         u = row.units
         return (
             f"{row.name}\n{u.groups} head group(s) of {row.heads_per_group} query head(s), "
-            f"{u.group_params:,} parameters each\n{u.neurons:,} MLP neurons, "
-            f"{u.neuron_params:,} parameters each"
+            f"{row.group_params:,} parameters each\n{u.neurons:,} MLP neurons, "
+            f"{row.neuron_params:,} parameters each"
         )
