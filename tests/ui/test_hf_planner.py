@@ -249,13 +249,20 @@ def test_export_offers_a_folder_first_that_loads_back(qtbot, lm, pruned, tmp_pat
     try:
         with qtbot.waitSignal(runner.finished, timeout=JOB_MS):
             dialog.export_button.click()
+        result = dialog.last_result
+        assert result.params == result.params_model == pruned.params_after
+        assert "Hugging Face folder" in dialog.result_view.toHtml()
+        again = load_model(str(tmp_path / "pruned-lm"), input_shape=(1, SEQ_LEN))
+        assert sum(p.numel() for p in again.module.parameters()) == pruned.params_after
+        dialog.format_combo.setCurrentIndex(1)  # ONNX, input_ids in, at the text exporter's opset
+        assert dialog.path.text().endswith("pruned-lm.onnx") and dialog.opset.value() == 18
+        with qtbot.waitSignal(runner.finished, timeout=JOB_MS):
+            dialog.export_button.click()
+        onnx = dialog.last_result
+        assert onnx.format == "onnx" and onnx.input_names == ("input_ids",)
+        assert onnx.path.is_file() and onnx.max_abs_diff <= 1e-4 * max(1.0, onnx.output_scale)
     finally:
         runner.shutdown(timeout=60)
-    result = dialog.last_result
-    assert result.params == result.params_model == pruned.params_after
-    assert "Hugging Face folder" in dialog.result_view.toHtml()
-    again = load_model(str(tmp_path / "pruned-lm"), input_shape=(1, SEQ_LEN))
-    assert sum(p.numel() for p in again.module.parameters()) == pruned.params_after
 
 
 def test_a_pruned_language_model_is_timed_as_prefill_and_decode(qtbot, lm, pruned) -> None:

@@ -254,6 +254,10 @@ class ExportDialog(QDialog):
         import's own, or the nearest one torch writes; the default for other models)."""
         from studio.core.models.onnx_io import supported_opset
 
+        if export_hf.is_hf(model) and model is not None and model.is_text:
+            from studio.core.export.hf_onnx import DEFAULT_OPSET  # the text exporter's own
+
+            return DEFAULT_OPSET
         return supported_opset(model.onnx_opset if model is not None else None)[0]
 
     def _fill_formats(self, order: tuple[str, ...]) -> None:
