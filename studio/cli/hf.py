@@ -35,6 +35,10 @@ def save(model, path: str, protected: tuple[Path, ...]) -> Path:  # noqa: ANN001
     """Write the (pruned) transformer as a folder (save_pretrained, with its tokenizer) or as
     ONNX with dynamic batch and sequence, verified in ONNX Runtime."""
     check_out(path)
+    if Path(path).suffix.lower() == ".onnx" and model.task == "vision":  # pixels in
+        from studio.core.models.pruned_file import save_model
+
+        return save_model(model, path, protected)
     if Path(path).suffix.lower() == ".onnx":
         from studio.core.export.hf_onnx import export_text_onnx
 

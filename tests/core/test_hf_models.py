@@ -226,3 +226,41 @@ def test_latency_target_parsing_and_search_steps():
     assert _next_fraction(tried((0.6, 0.8)), 0.6) == pytest.approx(0.45)
     # the same fraction again: nothing new to try
     assert _next_fraction(tried((0.6, 0.6001), (0.601, 0.7)), 0.6) is None
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "qwen2", "vit"])
+def test_each_family_scans_prunes_and_exports_verified_onnx(folders, family, tmp_path):
+    import onnxruntime as ort
+
+    from studio.core.export.hf_onnx import write_text_onnx
+    from studio.core.models.data import DataSet
+    from studio.core.models.pruned_file import save_model
+    from studio.core.plan.plan import PruningPlan
+    from studio.core.prune.engine import prune, prune_targets
+    from studio.core.scan.heads import scan_heads
+
+    model = load_model(str(folders[family]))
+    x = torch.cat([model.example_input(batch=2) for _ in range(2)])
+    if not model.is_text:
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    data = DataSet(x, None, "samples")
+    scan = scan_heads(model, data, use_cache=False)
+    assert not np.isnan(scan.head_drop[:, : min(scan.groups)]).any()
+    assert scan.metric == ("perplexity" if model.task == "causal-lm" else "cosine")
+    names = prune_targets(model, "structured")
+    plan = PruningPlan("structured", "activation", ratios={n: 0.5 for n in names}, cap=1.0)
+    result = prune(model, plan, data)
+    assert result.params_after < 0.8 * result.params_before
+    path = tmp_path / "m.onnx"
+    if model.is_text:
+        written = write_text_onnx(result.module, path, result.model.example_input(), model.task)
+        assert written.max_abs_diff <= 1e-4 * max(1.0, written.output_scale)
+        feed = {"input_ids": x[:, :17].numpy()}
+    else:
+        save_model(result.model, path)
+        feed = {"pixel_values": x.numpy()}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, feed)
+    with torch.no_grad():
+        expected = result.module(torch.from_numpy(next(iter(feed.values())))).numpy()
+    assert np.abs(out - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

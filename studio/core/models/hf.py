@@ -173,7 +173,9 @@ def load_hf(
         arch=model_type,
         path=folder,
         input_names=("pixel_values",) if task == VISION else ("input_ids",),
-        output_names=("logits",) if task in (CAUSAL_LM, CLASSIFIER) else ("embedding",),
+        output_names=("logits",)
+        if task in (CAUSAL_LM, CLASSIFIER) or _has_logits(arch)
+        else ("embedding",),
         notes=notes,
         vocab_size=vocab,
         task=task,
@@ -181,6 +183,11 @@ def load_hf(
     )
     report(progress, 1.0, "loaded")
     return loaded
+
+
+def _has_logits(arch: str | None) -> bool:
+    """A vision model with a classification head outputs logits, not an embedding."""
+    return bool(arch) and "Classification" in str(arch)
 
 
 def load_tokenizer(folder: Path, trust: bool = False) -> Any:
