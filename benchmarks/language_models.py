@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from studio.core.latency.decode import compare_lm_latency, measure_lm_latency  # noqa: E402
+from studio.core.latency.decode import compare_lm_latency  # noqa: E402
 from studio.core.models import hf_zoo  # noqa: E402
 from studio.core.models.evaluate import evaluate  # noqa: E402
 from studio.core.models.load import load_model  # noqa: E402
@@ -118,6 +118,9 @@ def lm(args) -> dict:
                   f"{row['predicted_loss_increase']:.3f})")  # fmt: skip
     for fraction in (0.75, 0.5):
         student = pruned_models[(fraction, "sensitivity")]
+        if args.epochs == 0:  # timing only: the structure is what fine-tuning keeps
+            pruned_models[(fraction, "tuned")] = student
+            continue
         started = time.monotonic()
         tuned = finetune(student, model, splits, args.epochs)
         row = next(
@@ -155,12 +158,11 @@ def lm(args) -> dict:
             b = export_text_onnx(
                 after.module, Path(tmp) / "b.onnx", after.example_input(), "causal-lm"
             )
-            ra = measure_lm_latency(
-                model.module, 128, 0, threads=args.threads, backend="onnxruntime", onnx_path=a
-            )
-            rb = measure_lm_latency(
-                after.module, 128, 0, threads=args.threads, backend="onnxruntime", onnx_path=b
-            )
+            ort_cmp = compare_lm_latency(
+                model.module, after.module, prompt_len=128, new_tokens=1, threads=args.threads,
+                backend="onnxruntime", before_onnx=a, after_onnx=b,
+            )  # fmt: skip
+            ra, rb = ort_cmp.before, ort_cmp.after
             row["latency"]["ort_prefill_ms"] = [ra.prefill_ms, rb.prefill_ms]
             speedup = ra.prefill_ms / rb.prefill_ms
             print(f"  {1 - fraction:.0%} removed, ONNX Runtime {args.threads} thread: prefill "
@@ -194,14 +196,17 @@ def encoder(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="0: no fine-tuning (timing only)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-encoder", action="store_true")
+    parser.add_argument("--skip-lm", action="store_true")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"CPU: {cpu()}; torch {torch.__version__}")
-    figures = {"cpu": cpu(), "lm": lm(args)}
+    figures = {"cpu": cpu()}
+    if not args.skip_lm:
+        figures["lm"] = lm(args)
     if not args.skip_encoder:
         figures["encoder"] = encoder(args)
     if args.json:
