@@ -133,9 +133,8 @@ class PlannerTransformer:
             return planner_hf.head_scan_cached(model, calibration)
 
         self.allocate_button.setEnabled(False)
-        self.jobs["hf_find_scan"] = self.runner.start(
-            "Looking for a cached scan", work, isolate=False
-        )
+        # in a job process, as the scan: the cache it looks in is the one the scan writes to
+        self.jobs["hf_find_scan"] = self.runner.start("Looking for a cached scan", work)
         return self.jobs["hf_find_scan"]
 
     def _transformer_scan_found(self, cached: bool) -> None:
