@@ -10,7 +10,7 @@ The chosen model's own format comes first and is chosen (ONNX for a model opened
 TorchScript and .pt2 for those; ONNX, the format to ship, for eager models), and a model opened
 from ONNX is offered its own opset and dynamic dims. A transformer from a Hugging Face folder is
 offered a Hugging Face folder first (written, loaded back and compared:
-:mod:`studio.ui.dialogs.export_hf`), then ONNX with ``input_ids`` in.
+:mod:`studio.core.export.hf_folder`), then ONNX with ``input_ids`` in.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.export import hf_folder as export_hf
+from studio.core.export.hf_folder import HF_FOLDER
 from studio.core.export.types import FORMATS, SUFFIXES
 from studio.core.models.loaded import EXPORTED, ONNX, TORCHSCRIPT, LoadedModel
-from studio.ui.dialogs import export_hf
-from studio.ui.dialogs.export_hf import HF_FOLDER
 from studio.ui.runner import Job, JobRunner
 from studio.ui.session import ERROR, Session
 

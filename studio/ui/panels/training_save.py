@@ -11,12 +11,12 @@ from typing import Any
 from PySide6.QtWidgets import QFileDialog
 
 from studio.core.errors import StudioError
+from studio.core.export import hf_folder as export_hf
 from studio.core.files import write_atomic
 from studio.core.jobs import CancelToken, ProgressFn
 from studio.core.models.loaded import ONNX
 from studio.core.models.pruned_file import save_model
 from studio.core.train.types import history_csv
-from studio.ui.dialogs import export_hf
 from studio.ui.runner import Job
 from studio.ui.widgets import charts
 
