@@ -20,7 +20,7 @@ from studio.core.models import hf_arch
 from studio.core.models.data import DataSet
 from studio.core.plan.costs import BLOCK_REMOVED
 from studio.core.plan.plan import PruningPlan
-from studio.core.plan.transformer import prefix_of, removed_groups, removed_neurons
+from studio.core.plan.transformer import removed_groups, removed_neurons
 from studio.core.prune import transformer as surgery
 from studio.core.scan.heads import _Meter, group_mask, masked_inputs, neuron_importance
 
@@ -68,9 +68,7 @@ def apply_hf_plan(
         sub = data.subset(min(len(data), IMPORTANCE_SEQUENCES))
         batches = [sub.x[i : i + 8] for i in range(0, len(sub), 8)]
     neuron_scores = neuron_importance(module, blocks, batches) if batches else None
-    meter = (
-        _Meter(module, data.subset(min(len(data), IMPORTANCE_SEQUENCES)), 8) if batches else None
-    )
+    meter = _Meter(module, sub, 8) if batches else None
     base = meter.loss() if meter is not None else 0.0
     heads_removed = neurons_removed = 0
     for i, b in enumerate(blocks):
@@ -124,4 +122,4 @@ def _hf(module: nn.Module) -> nn.Module:
     return hf
 
 
-__all__ = ["apply_hf_plan", "hf_targets", "prefix_of"]
+__all__ = ["apply_hf_plan", "hf_targets"]
