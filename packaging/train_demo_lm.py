@@ -12,8 +12,9 @@ The folder written holds config.json + model.safetensors (bfloat16 weights), the
 (loadable with ``transformers.AutoTokenizer``), corpus.txt, LICENSE-corpus.txt and
 training.json with the figures. It is written to a temporary folder beside ``--out`` and moved
 into place only when complete and verified. Deterministic for a given seed, step count and
-thread count (the step count is fixed, not time-based). 1,000 steps took 1,570 CPU seconds
-(about 13 minutes on 2 idle cores; 50 minutes of wall time on a busy shared machine).
+thread count (the step count is fixed, not time-based): a second run on another day wrote the
+same bytes. On 2 idle cores of an AMD EPYC (AVX2) the whole script took 14.0 minutes (13.7 of
+them training, 1,388 CPU seconds); on a busy shared machine, 50 minutes.
 
     python packaging/train_demo_lm.py [--out resources/demo-lm] [--steps N]
 """
@@ -21,6 +22,7 @@ thread count (the step count is fixed, not time-based). 1,000 steps took 1,570 C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -74,8 +76,8 @@ corpus.txt in this folder is the text of the pydoc topics of CPython 3.11.7
 
 sha256 {sha}
 
-The demo language model in this folder (model.safetensors) and its tokenizer were trained on
-the first 90% of that text by packaging/train_demo_lm.py. Changes made: the topics were
+{model} in this folder (model.safetensors) and its tokenizer were trained on
+the first 90% of that text by packaging/{script}. Changes made: the topics were
 concatenated as above; the text itself is unchanged.
 
 Source: https://github.com/python/cpython/blob/v3.11.7/Lib/pydoc_data/topics.py
@@ -172,29 +174,28 @@ def load_corpus(folders: list[Path]) -> tuple[str, str]:
     return text, f"pydoc_data (Python {platform.python_version()})"
 
 
-def train_tokenizer(text: str):
+def train_tokenizer(text: str, **special: str):
     """A byte-level BPE tokenizer of :data:`VOCAB_SIZE` tokens trained on ``text``, wrapped for
-    ``transformers`` (no special tokens are added when encoding; decoding is lossless)."""
+    ``transformers`` (no special tokens are added when encoding; decoding is lossless).
+    ``special`` names the special tokens (``unk_token=...``, ``bos_token=...``), in the order of
+    their ids; by default the decoder's <unk>, <s> and </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.BPE(unk_token=UNK))
+    special = special or {"unk_token": UNK, "bos_token": BOS, "eos_token": EOS}
+    backend = Tokenizer(models.BPE(unk_token=special["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         min_frequency=2,
-        special_tokens=[UNK, BOS, EOS],
+        special_tokens=list(special.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator([text], trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        clean_up_tokenization_spaces=False,
+        tokenizer_object=backend, clean_up_tokenization_spaces=False, **special
     )
 
 
@@ -325,14 +326,11 @@ def loss_digest(losses: list[float]) -> str:
     return hashlib.sha256(b"".join(struct.pack("<d", v) for v in losses)).hexdigest()[:16]
 
 
-def write_folder(
-    out: Path, model: torch.nn.Module, tokenizer, corpus: str, info: dict, val: torch.Tensor
-) -> dict:
-    """Write the whole folder into a temporary folder beside ``out``, check that it loads back
-    (AutoTokenizer gives the same ids, the bfloat16 weights loaded as float32 give about the same
-    perplexity), then swap it into place. Nothing is left behind on failure."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """Yield a new temporary folder beside ``out`` to write into; when the block ends without an
+    error, the folder (with the usual file modes) replaces ``out``. Nothing is left behind on
+    failure, and a failed swap puts the old ``out`` back."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     old: Path | None = None
@@ -340,29 +338,9 @@ def write_folder(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the usual folder mode
-        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        model.to(torch.float32)
-        tokenizer.save_pretrained(tmp)
-        with open(tmp / "corpus.txt", "w", encoding="utf-8", newline="") as f:
-            f.write(corpus)
-        (tmp / "LICENSE-corpus.txt").write_text(
-            LICENSE_CORPUS.format(sha=CORPUS_SHA256), encoding="utf-8"
-        )
-
-        loaded_tok = AutoTokenizer.from_pretrained(tmp)
-        _, val_text = split_text(corpus)
-        for label, text in (("validation", val_text), ("corpus", corpus)):
-            if not np.array_equal(tokenize(text, loaded_tok), tokenize(text, tokenizer)):
-                raise RuntimeError(f"AutoTokenizer does not give the trained ids on the {label}")
-        if loaded_tok.decode(tokenize(val_text, loaded_tok).tolist()) != val_text:
-            raise RuntimeError("the saved tokenizer does not decode the validation text back")
-        loaded = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-        info["val_perplexity_saved"] = round(perplexity(loaded, val), 4)
-        info["files_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
-        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        for path in tmp.iterdir():  # safetensors writes 0600; give the usual file mode
-            os.chmod(path, 0o666 & ~umask)
-
+        yield tmp
+        for path in tmp.rglob("*"):  # safetensors writes 0600; give the usual modes
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, old)
@@ -378,7 +356,51 @@ def write_folder(
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder(
+    out: Path, model: torch.nn.Module, tokenizer, corpus: str, info: dict, val: torch.Tensor
+) -> dict:
+    """Write the whole folder into a temporary folder beside ``out``, check that it loads back
+    (AutoTokenizer gives the same ids, the bfloat16 weights loaded as float32 give about the same
+    perplexity), then swap it into place. Nothing is left behind on failure."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    with staged_folder(out) as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        model.to(torch.float32)
+        tokenizer.save_pretrained(tmp)
+        write_corpus(tmp, corpus)
+        loaded_tok = AutoTokenizer.from_pretrained(tmp)
+        check_tokenizer(loaded_tok, tokenizer, corpus)
+        loaded = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        info["val_perplexity_saved"] = round(perplexity(loaded, val), 4)
+        info["files_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
+        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def write_corpus(
+    folder: Path,
+    corpus: str,
+    model: str = "The demo language model",
+    script: str = "train_demo_lm.py",
+) -> None:
+    """corpus.txt and its licence, as shipped beside a model trained on it."""
+    with open(folder / "corpus.txt", "w", encoding="utf-8", newline="") as f:
+        f.write(corpus)
+    licence = LICENSE_CORPUS.format(sha=CORPUS_SHA256, model=model, script=script)
+    (folder / "LICENSE-corpus.txt").write_text(licence, encoding="utf-8")
+
+
+def check_tokenizer(loaded, trained, corpus: str) -> None:
+    """The saved tokenizer, loaded back, gives the trained ids and decodes losslessly."""
+    _, val_text = split_text(corpus)
+    for label, text in (("validation", val_text), ("corpus", corpus)):
+        if not np.array_equal(tokenize(text, loaded), tokenize(text, trained)):
+            raise RuntimeError(f"AutoTokenizer does not give the trained ids on the {label}")
+    if loaded.decode(tokenize(val_text, loaded).tolist()) != val_text:
+        raise RuntimeError("the saved tokenizer does not decode the validation text back")
 
 
 def main(argv: list[str] | None = None) -> int:
