@@ -14,6 +14,7 @@ from studio.cli.common import (
     TerminalProgress,
     add_data_args,
     add_model_args,
+    calibration_arg,
     channel_multiple_arg,
     existing_path,
     load_data_arg,
@@ -343,7 +344,9 @@ def _prune_hf(args: argparse.Namespace, model, data) -> int:
     plan = PruningPlan.load(args.recipe) if args.recipe else hf.plan(args, model, data)
     if not plan.active():
         raise StudioError("the plan prunes nothing: every ratio is 0")
-    result = prune(model, plan, data, progress=TerminalProgress("pruning"))
+    result = prune(
+        model, plan, data, TerminalProgress("pruning"), calibration=calibration_arg(args)
+    )  # heads and neurons chosen on the calibration split, quality measured on validation
     protected = hf.protected_inputs(args, model) + tuple(
         p for p in (existing_path(args.recipe),) if p
     )

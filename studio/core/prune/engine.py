@@ -123,7 +123,9 @@ def prune(
     """Apply ``plan`` to a copy of ``model``; measure quality before and after on ``data``.
 
     With ``plan.recalibrate_bn``, the pruned copy's batch-norm statistics are re-estimated on
-    ``calibration`` (default: ``data``) before it is measured.
+    ``calibration`` (default: ``data``) before it is measured. A transformer's head groups and
+    neurons are chosen on ``calibration`` too (text data's calibration split), so the quality
+    measured on ``data`` is measured on text the choice never saw.
     """
     start = time.monotonic()
     _check_kind(model, plan.method)
@@ -149,7 +151,8 @@ def prune(
     original: nn.Module | None = None  # a copy of the unpruned module, made when needed
     if model.kind == HUGGINGFACE:
         plan.check_model(model.fingerprint(), set(hf_prune.hf_targets(module, plan.method)))
-        skipped, notes = hf_prune.apply_hf_plan(module, plan, data, step, cancel)
+        choose_on = calibration if calibration is not None else data
+        skipped, notes = hf_prune.apply_hf_plan(module, plan, choose_on, step, cancel)
     elif plan.method == "structured":
         traced = prune_structured.trace(module, x)
         plan.check_model(model.fingerprint(), {info.root for info, _ in traced[1]})

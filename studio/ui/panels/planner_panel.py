@@ -197,10 +197,12 @@ class PlannerPanel(PlannerLayout, PlannerRecipes, PlannerScan, PlannerTransforme
         if plan.criterion in NEEDS_DATA and data is None and not self.transformer:
             self._fail("Data needed", f"the {plan.criterion} criterion needs data: open some")
             return None
-        # a transformer chooses its heads and neurons on the (validation) data, as the CLI
-        calibration = (
-            matching_training_split(data) if data is not None and not self.transformer else None
-        )
+        # a transformer chooses its heads and neurons on the text's calibration split, as the
+        # CLI; the quality after is measured on validation text the choice never saw
+        if self.transformer:
+            calibration = self.session.calibration
+        else:
+            calibration = matching_training_split(data) if data is not None else None
 
         def work(progress: ProgressFn, cancel: CancelToken) -> Any:
             return prune(model, plan, data, progress, cancel, calibration=calibration)
