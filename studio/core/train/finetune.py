@@ -99,7 +99,8 @@ class FinetuneJob:
                     f"{student.name} takes inputs of shape {tuple(student.input_shape[1:])}, "
                     f"but {data.name} has {data.sample_shape}"
                 )
-            if not data.labelled and teacher is None:
+            # a causal LM learns the next token of its own text: no labels, no teacher needed
+            if not data.labelled and teacher is None and student.task != "causal-lm":
                 raise StudioError(
                     f"the {what} data {data.name} has no labels: give a teacher to distil from"
                 )
