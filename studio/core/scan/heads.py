@@ -364,6 +364,18 @@ def _prefix(module: nn.Module, hf: nn.Module) -> str:
     return ""
 
 
+def is_cached(
+    model: LoadedModel,
+    data: DataSet,
+    sequences: int = SCAN_SEQUENCES,
+    mlp_ratios: tuple[float, ...] = MLP_RATIOS,
+) -> bool:
+    """Whether :func:`scan_heads` of ``model`` on ``data`` (same ``sequences`` and
+    ``mlp_ratios``) would load from its cache instead of measuring."""
+    subset = data.subset(min(len(data), sequences))
+    return (cache_dir() / "head_scans" / f"{_cache_key(model, subset, mlp_ratios)}.json").is_file()
+
+
 def _cache_key(model: LoadedModel, data: DataSet, ratios: tuple[float, ...]) -> str:
     h = hashlib.sha256(
         f"{CACHE_VERSION}|{model.fingerprint()}|{data.fingerprint()}|{ratios}".encode()

@@ -228,14 +228,10 @@ def _unit_biases(hf: Any, block: hf_arch.Block) -> tuple[int, int]:
 
 
 def head_scan_cached(model: LoadedModel, data: DataSet) -> bool:
-    """Whether :func:`~studio.core.scan.heads.scan_heads` of ``model`` on ``data`` would load
-    from its cache. The core has no public question for this: it is asked with the scan's
-    own cache key (the first ``SCAN_SEQUENCES`` sequences, the default MLP ratios)."""
-    from studio.core.paths import cache_dir
-    from studio.core.scan.heads import MLP_RATIOS, SCAN_SEQUENCES, _cache_key
+    """Whether the default head scan of ``model`` on ``data`` would load from its cache."""
+    from studio.core.scan.heads import is_cached
 
-    subset = data.subset(min(len(data), SCAN_SEQUENCES))
-    return (cache_dir() / "head_scans" / f"{_cache_key(model, subset, MLP_RATIOS)}.json").is_file()
+    return is_cached(model, data)
 
 
 def shown_drop(scan: HeadScan, loss_drop: float) -> float:
