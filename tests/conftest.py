@@ -21,3 +21,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Job processes start with transformers imported: the suite opens many transformers, and
+    each of their jobs would otherwise import it again (seconds on two cores)."""
+    from studio.core import isolation
+
+    isolation.preload_transformers()

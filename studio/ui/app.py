@@ -9,7 +9,9 @@ from PySide6.QtCore import QPointF, QRectF, Qt, QTimer
 from PySide6.QtGui import QBrush, QColor, QIcon, QPainter, QPen, QPixmap
 from PySide6.QtWidgets import QApplication
 
+from studio.core import isolation
 from studio.core.cluster.connection import Compute
+from studio.core.models.load import is_folder_spec
 from studio.ui.compat import binding_problem
 from studio.ui.main_window import MainWindow
 from studio.ui.session import WARNING
@@ -103,6 +105,8 @@ def run_gui(
             )
             return 1
         os.environ["QT_QPA_PLATFORM"] = "offscreen"  # a screenshot needs no screen
+    if model_spec and is_folder_spec(model_spec):
+        isolation.preload_transformers()  # before the window's runner starts the job server
     app = application()
     window = MainWindow(interactive=screenshot is None)
     problem = binding_problem()

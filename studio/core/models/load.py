@@ -17,6 +17,12 @@ from studio.core.models.loaded import EAGER, LoadedModel
 from studio.core.paths import DEMO_LM_DIR, DEMO_WEIGHTS
 
 
+def is_folder_spec(spec: str) -> bool:
+    """Whether ``spec`` names a model folder (a Hugging Face transformer): ``demo-lm`` or a
+    directory."""
+    return spec == "demo-lm" or Path(spec).is_dir()
+
+
 def load_model(
     spec: str,
     arch: str | None = None,
@@ -29,7 +35,7 @@ def load_model(
     ``progress`` hears of each step of loading (an ONNX file's conversion and checks)."""
     if spec == "demo":
         return load_demo()
-    if spec == "demo-lm" or Path(spec).is_dir():
+    if is_folder_spec(spec):
         return _load_folder(spec, input_shape, trust_pickle, progress)
     if spec.startswith("zoo:"):
         name = spec[4:]
