@@ -183,6 +183,47 @@ def test_allocation_meets_the_parameter_target_and_the_engine_prunes_to_it(folde
         allocate_transformer(model, 0.05, "uniform", scan)
 
 
+def test_heads_and_neurons_are_chosen_on_calibration_and_measured_on_validation(
+    folders, corpus, monkeypatch
+):
+    from studio.core.plan.transformer import allocate_transformer
+    from studio.core.prune import hf_prune
+    from studio.core.prune.engine import prune
+
+    model = load_model(str(folders["llama"]))
+    splits = load_text_data(corpus, model.tokenizer, 32)
+    calibration, validation = splits.calibration.subset(4), splits.validation.subset(4)
+    chosen_on = []
+    real = hf_prune.apply_hf_plan
+    monkeypatch.setattr(
+        hf_prune, "apply_hf_plan", lambda m, p, d, *a: chosen_on.append(d) or real(m, p, d, *a)
+    )
+    plan = allocate_transformer(model, 0.8, "uniform")
+    result = prune(model, plan, validation, calibration=calibration)
+    assert chosen_on == [calibration]
+    measured = evaluate(result.module, validation, reference=model.module)
+    assert result.quality_after.perplexity == pytest.approx(measured.perplexity, rel=1e-5)
+    prune(model, plan, validation)  # without a calibration split: chosen on the data given
+    assert chosen_on[1] is validation
+
+
+def test_an_unpruned_language_model_trains_on_its_own_text_without_a_teacher(folders, corpus):
+    from studio.core.train.finetune import FinetuneJob, FinetuneSettings
+
+    model = load_model(str(folders["llama"]), input_shape=(1, 32))
+    splits = load_text_data(corpus, model.tokenizer, 32)
+    settings = FinetuneSettings.for_text(epochs=2, batch_size=8, lr=3e-3)
+    job = FinetuneJob(model, splits.calibration.subset(32), splits.validation.subset(8), settings)
+    for _ in job.run():
+        pass
+    assert job.result is not None
+    assert job.result.perplexity_after < 0.8 * job.result.perplexity_before
+    encoder = load_model(str(folders["sentence-bert"]), input_shape=(1, 32))
+    text = load_text_data(corpus, encoder.tokenizer, 32)
+    with pytest.raises(StudioError, match="no labels: give a teacher"):
+        FinetuneJob(encoder, text.calibration, text.validation, settings)
+
+
 def test_depth_pruning_removes_layers_and_updates_the_config(folders):
     from studio.core.plan.plan import PruningPlan
     from studio.core.prune.engine import prune, prune_targets
@@ -239,7 +280,8 @@ def test_each_family_scans_prunes_and_exports_verified_onnx(folders, family, tmp
     from studio.core.prune.engine import prune, prune_targets
     from studio.core.scan.heads import scan_heads
 
-    model = load_model(str(folders[family]))
+    shape = None if family == "vit" else (1, 48)  # 48 tokens: the scan and export are quicker
+    model = load_model(str(folders[family]), input_shape=shape)
     x = torch.cat([model.example_input(batch=2) for _ in range(2)])
     if not model.is_text:
         x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -264,3 +306,29 @@ def test_each_family_scans_prunes_and_exports_verified_onnx(folders, family, tmp
     with torch.no_grad():
         expected = result.module(torch.from_numpy(next(iter(feed.values())))).numpy()
     assert np.abs(out - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_jobs_of_a_transformer_start_with_transformers_imported(folders):
+    import sys
+
+    from studio.core import isolation
+
+    if not isolation.available():
+        pytest.skip("no forkserver here")
+    # the suite's conftest asked for it before any job ran, as `studio gui --model DIR` does
+    assert isolation.preload_transformers()
+    model = load_model(str(folders["llama"]), input_shape=(1, 16))
+    x = model.example_input()
+
+    def imported(progress, cancel):  # carries no model: sees what the child started with
+        return sorted(set(isolation.TRANSFORMERS_PRELOAD) - set(sys.modules))
+
+    assert isolation.run_isolated("imports", imported) == []
+
+    def job(progress, cancel):
+        with torch.no_grad():
+            return model.module(x)
+
+    out = isolation.run_isolated("evaluation", job)
+    with torch.no_grad():
+        assert torch.allclose(out, model.module(x))

@@ -151,7 +151,7 @@ def test_killed_scan_resumes_from_the_cache(tmp_path, val64) -> None:
         "--mode",
         "unstructured",
         "--ratios",
-        "0.1,0.3,0.5,0.7,0.9",
+        "0.5,0.9",
         "--workers",
         "1",
         "--method",
@@ -178,7 +178,7 @@ def test_killed_scan_resumes_from_the_cache(tmp_path, val64) -> None:
     import json
 
     summary = json.loads(done.stdout)
-    assert 3 <= summary["cached_rows"] < summary["rows"] == 22 * 5  # killed halfway
+    assert 3 <= summary["cached_rows"] < summary["rows"] == 22 * 2  # killed halfway
 
 
 def test_structured_scan_refused_for_torchscript(tmp_path, val64) -> None:
