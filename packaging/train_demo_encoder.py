@@ -27,14 +27,12 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_demo_lm.py
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -50,6 +48,7 @@ from train_demo_lm import (  # noqa: E402
     load_corpus,
     loss_digest,
     lr_at,
+    seed_all,
     staged_folder,
     train_tokenizer,
     write_corpus,
@@ -251,11 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be at least 1")
 
     started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
+    seed_all(args.seed, threads=args.threads)
     try:
         corpus, source = load_corpus([DEMO_LM_DIR])
     except CorpusError as exc:

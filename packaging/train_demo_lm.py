@@ -256,6 +256,15 @@ def unigram_perplexity(train_ids: np.ndarray, windows: torch.Tensor, vocab: int)
     return math.exp(-float(logp[targets].mean()))
 
 
+def seed_all(seed: int, threads: int) -> None:
+    """Every generator seeded, deterministic kernels, a fixed number of threads."""
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``lr / 10`` at the last step."""
     if step < warmup:
@@ -421,11 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be at least 1")
 
     started = time.perf_counter()
-    torch.set_num_threads(2)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
+    seed_all(args.seed, threads=2)
     try:
         corpus, source = load_corpus(list(dict.fromkeys([args.out, DEMO_LM_DIR])))
     except CorpusError as exc:
