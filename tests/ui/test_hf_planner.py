@@ -119,7 +119,52 @@ def test_uniform_allocation_meets_the_parameter_target(qtbot, planner: PlannerPa
         planner.allocate_button.click()
     macs = cost.predict(planner.state.plan.active())[1]
     assert macs <= 0.7 * cost.macs_before and "macs" in planner.last_allocation.target
-    assert not planner.kind.model().item(2).isEnabled()  # no latency target for transformers
+    latency = planner.kind.model().item(2)  # a transformer's latency target is measured
+    assert latency.isEnabled() and latency.text() == "latency (measured)"
+
+
+def test_latency_target_prunes_until_the_timed_candidate_meets_it(
+    qtbot, planner: PlannerPanel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search and its wiring, with the clock replaced by one that reads the parameters
+    (a decode step that costs 1 µs per parameter): timings on a loaded 2-core machine would
+    make the test depend on the machine, not on the code."""
+    from types import SimpleNamespace
+
+    from studio.core.latency import lm_target
+
+    timed: list[float] = []
+
+    def fake_compare(original, pruned, **kwargs):  # type: ignore[no-untyped-def]
+        def clock(module):  # type: ignore[no-untyped-def]
+            ms = sum(p.numel() for p in module.parameters()) / 1000.0
+            return SimpleNamespace(decode_ms=ms, prefill_ms=ms)
+
+        timed.append(clock(pruned).decode_ms / clock(original).decode_ms)
+        return SimpleNamespace(before=clock(original), after=clock(pruned))
+
+    monkeypatch.setattr(lm_target, "compare_lm_latency", fake_compare)
+    lines: list[str] = []
+    planner.session.logged.connect(lambda _t, _level, text: lines.append(text))
+    planner.strategy.setCurrentText("uniform")
+    planner.kind.setCurrentText("latency (measured)")
+    planner.keep.setValue(85.0)
+    with qtbot.waitSignal(planner.runner.finished, timeout=JOB_MS):
+        planner.allocate_button.click()
+    target = planner.last_allocation.target
+    assert target["latency"] == pytest.approx(0.85) and target["threads"] == 1
+    assert target["metric"] == "decode ms/token" and target["measured"] in [
+        round(t, 4) for t in timed
+    ]
+    assert abs(target["measured"] - 0.85) <= 0.05 * 0.85  # within the search's goal
+    cost = planner.state.cost
+    kept = cost.predict(planner.state.plan.active())[0] / cost.params_before
+    assert kept == pytest.approx(target["measured"], abs=1e-3)  # the plan that was timed
+    assert any("measured 8" in line and "thread" in line for line in lines), lines
+    planner.keep.setValue(5.0)  # below what heads and neurons can reach: a one-line failure
+    with qtbot.waitSignal(planner.runner.failed, timeout=JOB_MS) as failed:
+        planner.allocate_button.click()
+    assert str(failed.args[-1]).startswith("cannot reach 5% of the parameters")
 
 
 def test_sensitivity_asks_for_the_scan_then_reads_it_from_the_cache(

@@ -13,6 +13,7 @@ from typing import Any
 
 from studio.core.errors import StudioError
 from studio.core.jobs import CancelToken, ProgressFn
+from studio.core.latency.lm_target import reach_lm_latency
 from studio.core.models.loaded import LoadedModel
 from studio.core.plan.plan import PruningPlan
 from studio.core.plan.transformer import allocate_transformer
@@ -21,7 +22,9 @@ from studio.ui.panels import planner_hf
 from studio.ui.panels.planner_hf import TransformerCost, base_plan, text_splits
 
 HF_STRATEGIES = ("sensitivity", "uniform")
-HF_KINDS = {"parameters": "params", "MACs": "macs"}  # target kinds allocate_transformer meets
+LATENCY_CNN, LATENCY_HF = "latency (estimated)", "latency (measured)"  # the kind's item text
+HF_KINDS = {"parameters": "params", "MACs": "macs", LATENCY_HF: "latency"}
+LATENCY_THREADS = 1  # as studio prune --target-latency and the language_models benchmark
 HF_KEEP = 80.0  # % of the parameters: embeddings and norms stay, so 50 % is rarely reachable
 
 
@@ -58,6 +61,9 @@ class PlannerTransformer:
             widget.setVisible(not on)
         self.tables.setCurrentWidget(self.hf_table if on else self.table)
         self.method.setEnabled(not on)
+        latency = self.kind.findText(LATENCY_HF if not on else LATENCY_CNN)
+        if latency >= 0:  # a transformer's latency target is timed, not estimated
+            self.kind.setItemText(latency, LATENCY_HF if on else LATENCY_CNN)
         for combo, allowed in ((self.strategy, HF_STRATEGIES), (self.kind, HF_KINDS)):
             for i in range(combo.count()):
                 combo.model().item(i).setEnabled(not on or combo.itemText(i) in allowed)
@@ -72,7 +78,9 @@ class PlannerTransformer:
                 self.kind.setCurrentText("parameters")
                 self.keep.setValue(HF_KEEP)
             self.keep.setToolTip(
-                "Percent of the model's parameters (or MACs of one sequence) to keep"
+                "Percent of the model's parameters (or MACs of one sequence) to keep; for\n"
+                "latency, percent of the original's time (decode per token for a decoder,\n"
+                "prefill for an encoder), measured on 1 thread"
             )
         elif self._was_transformer:
             self.kind.setCurrentText(self._cnn_target[0])
@@ -96,8 +104,8 @@ class PlannerTransformer:
         return plan, work
 
     def _allocate_transformer(self) -> Any:
-        """Head groups and MLP neurons for the parameter (or MAC) target, uniform or by the
-        scan."""
+        """Head groups and MLP neurons for the parameter, MAC or measured latency target,
+        uniform or by the scan."""
         strategy = self.strategy.currentText()
         kind = HF_KINDS.get(self.kind.currentText(), "params")
         fraction = float(self.keep.value()) / 100.0
@@ -109,6 +117,12 @@ class PlannerTransformer:
 
         def work(progress: ProgressFn, cancel: CancelToken) -> PruningPlan:
             progress(0.0, f"{strategy} allocation of head groups and MLP neurons")
+            if kind == "latency":  # candidates pruned and timed against the original
+                plan, _ = reach_lm_latency(
+                    replica, str(fraction), strategy, scan, base, threads=LATENCY_THREADS,
+                    progress=progress, cancel=cancel,
+                )  # fmt: skip
+                return plan
             return allocate_transformer(replica, fraction, strategy, scan, base=base, kind=kind)
 
         self.jobs["allocate"] = self.runner.start("Allocating", work, isolate=False)
@@ -191,13 +205,23 @@ class PlannerTransformer:
         if cost is None:
             return
         params, macs = cost.predict(plan.ratios)
+        kept = (
+            f"the plan keeps {params / max(cost.params_before, 1):.1%} of the parameters and "
+            f"{macs / max(cost.macs_before, 1):.1%} of the MACs"
+        )
+        if "latency" in target:
+            self.session.log(
+                f"Allocated head groups and MLP neurons by {target.get('allocate')} for "
+                f"{float(target['latency']):.0%} of the original's {target.get('metric')}: "
+                f"measured {float(target['measured']):.1%} ({target.get('threads')} thread); "
+                + kept
+            )
+            return
         kind = "macs" if "macs" in target else "params"
         what = "MACs" if kind == "macs" else "parameters"
         self.session.log(
             f"Allocated head groups and MLP neurons by {target.get('allocate')}: keep at most "
-            f"{float(target.get(kind, 0)):.0%} of the {what}; the plan keeps "
-            f"{params / max(cost.params_before, 1):.1%} of the parameters and "
-            f"{macs / max(cost.macs_before, 1):.1%} of the MACs"
+            f"{float(target.get(kind, 0)):.0%} of the {what}; " + kept
         )
 
     def _transformer_summary(self) -> None:
