@@ -17,19 +17,22 @@ windows):
   torch, 1 thread, batch 1, original and pruned timed in turns; and ONNX Runtime prefill of the
   exported files.
 
-Encoder: a sentence-transformers folder (BERT, mean pooling, normalised) built from a config
-with random weights by :mod:`studio.core.models.hf_zoo` (no pretrained encoder can be
-downloaded), pruned by 30 % of head groups and MLP neurons in every layer, cosine of the
-pooled embedding to the unpruned model's on the demo corpus's validation split, before and
-after distillation (1 - cosine).
+Encoder: the demo sentence encoder (BERT, 4 layers x 8 heads, MLP 1024, mean pooling,
+normalised), trained by masked-language modelling on the same corpus's training split by
+``packaging/train_demo_encoder.py`` (into the cache, on first use). 30 % of the head groups and
+MLP neurons of every layer removed (uniform), and the same share of parameters allocated by
+sensitivity; the cosine of the pooled embedding to the unpruned model's and the share of
+validation windows whose nearest neighbour is unchanged, before and after distillation
+(1 - cosine to the teacher). Heads and neurons are chosen on the calibration split; every
+figure is measured on validation.
 
-    python benchmarks/language_models.py [--epochs 2] [--skip-encoder] [--threads 1]
+    python benchmarks/language_models.py [--epochs 2] [--skip-encoder] [--skip-lm]
+        [--threads 1] [--encoder DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import subprocess
@@ -43,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from studio.core.latency.decode import compare_lm_latency  # noqa: E402
-from studio.core.models import hf_zoo  # noqa: E402
+from studio.core.models import hf_arch  # noqa: E402
 from studio.core.models.evaluate import evaluate  # noqa: E402
 from studio.core.models.load import load_model  # noqa: E402
 from studio.core.models.text import load_text_data  # noqa: E402
-from studio.core.paths import DEMO_LM_DIR  # noqa: E402
+from studio.core.paths import DEMO_LM_DIR, cache_dir  # noqa: E402
 from studio.core.plan.plan import PruningPlan  # noqa: E402
 from studio.core.plan.transformer import (  # noqa: E402
     allocate_transformer,
@@ -57,6 +60,8 @@ from studio.core.plan.transformer import (  # noqa: E402
 from studio.core.prune.engine import prune, prune_targets  # noqa: E402
 from studio.core.scan.heads import scan_heads  # noqa: E402
 from studio.core.train.finetune import FinetuneJob, FinetuneSettings  # noqa: E402
+
+ENCODER_SCRIPT = Path(__file__).resolve().parents[1] / "packaging" / "train_demo_encoder.py"
 
 
 def cpu() -> str:
@@ -100,7 +105,7 @@ def lm(args) -> dict:
     for fraction in (0.75, 0.5):
         for strategy in ("sensitivity", "uniform"):
             plan = allocate_transformer(model, fraction, strategy, scan)
-            result = prune(model, plan, val)
+            result = prune(model, plan, val, calibration=splits.calibration)
             q = result.quality_after
             row = {
                 "target": fraction,
@@ -132,7 +137,7 @@ def lm(args) -> dict:
         print(f"  {1 - fraction:.0%} removed, distilled {args.epochs} epoch(s): perplexity "
               f"{tuned.perplexity_before:.3f} -> {tuned.perplexity_after:.3f} "
               f"({row['tuning_seconds']:.0f}s)")  # fmt: skip
-    for fraction in (0.75, 0.5):
+    for fraction in (0.75, 0.5) if not args.skip_latency else ():
         after = pruned_models[(fraction, "tuned")]
         cmp = compare_lm_latency(model.module, after.module, prompt_len=128, new_tokens=32,
                                  threads=args.threads)  # fmt: skip
@@ -170,28 +175,90 @@ def lm(args) -> dict:
     return out
 
 
+def demo_encoder(folder: Path | None) -> Path:
+    """The trained demo encoder: ``folder`` when given, else the studio's cache, trained there
+    by ``packaging/train_demo_encoder.py`` when it is not there yet (deterministic)."""
+    folder = folder or cache_dir() / "demo-encoder"
+    if not (folder / "model.safetensors").is_file():
+        print(f"training the demo encoder into {folder} (packaging/train_demo_encoder.py)")
+        subprocess.run([sys.executable, str(ENCODER_SCRIPT), "--out", str(folder)], check=True)
+    return folder
+
+
+@torch.no_grad()
+def embeddings(module: torch.nn.Module, data) -> torch.Tensor:
+    module.eval()
+    return torch.cat([module(data.x[i : i + 32]) for i in range(0, len(data), 32)])
+
+
+def neighbours_kept(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """The share of windows whose nearest other window (by cosine of the embeddings) is the
+    same one under both models: whether the embedding still ranks texts as it did."""
+
+    def nearest(e: torch.Tensor) -> torch.Tensor:
+        e = torch.nn.functional.normalize(e.float(), dim=1)
+        sim = e @ e.T
+        sim.fill_diagonal_(-2.0)
+        return sim.argmax(1)
+
+    return float((nearest(reference) == nearest(other)).float().mean())
+
+
 def encoder(args) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = hf_zoo.write_folder("sentence-bert", Path(tmp) / "st", layers=4)
-        model = load_model(str(folder))
-        splits = load_text_data(DEMO_LM_DIR / "corpus.txt", model.tokenizer, 128, name="demo-lm")
-        names = prune_targets(model, "structured")
-        plan = PruningPlan("structured", "activation", ratios={n: 0.3 for n in names}, cap=1.0,
-                           recalibrate_bn=False)  # fmt: skip
-        result = prune(model, plan, splits.validation)
-        before = result.quality_after.cosine
-        reference = copy.deepcopy(model)
-        tuned = finetune(result.model, reference, splits, args.epochs)
-        after = evaluate(tuned.model.module, splits.validation, reference=model.module).cosine
-        hf = result.module.hf
-        heads = [layer.attention.self.query.out_features // 16 for layer in hf.encoder.layer]
-        inter = [layer.intermediate.dense.out_features for layer in hf.encoder.layer]
-        print(f"encoder (sentence-transformers BERT, random weights, 4 layers x 4 heads, "
-              f"MLP 256): kept heads {heads}, MLP {inter}; params "
-              f"{result.params_after / result.params_before:.3f}; cosine to the unpruned "
-              f"embedding {before:.4f} before, {after:.4f} after distillation")  # fmt: skip
-        return {"heads": heads, "mlp": inter, "cosine_before": before, "cosine_after": after,
-                "params_kept": result.params_after / result.params_before}  # fmt: skip
+    folder = demo_encoder(args.encoder)
+    trained = json.loads((folder / "training.json").read_text())
+    model = load_model(str(folder))
+    splits = load_text_data(folder / "corpus.txt", model.tokenizer, 128, name="demo-encoder")
+    val = splits.validation
+    base = embeddings(model.module, val)
+    hf = model.module.hf
+    heads = hf.config.num_attention_heads
+    print(
+        f"demo encoder (BERT, {hf.config.num_hidden_layers} layers x {heads} heads, MLP "
+        f"{hf.config.intermediate_size}, mean pooling; masked-token accuracy "
+        f"{trained['val_masked_accuracy']:.3f}, untrained "
+        f"{trained['val_masked_accuracy_untrained']:.3f}); validation {len(val)} x 128 tokens"
+    )
+    started = time.monotonic()
+    scan = scan_heads(model, splits.calibration)
+    print(f"  scan {time.monotonic() - started:.0f}s{' (cached)' if scan.cached else ''}")
+    names = prune_targets(model, "structured")
+    uniform = PruningPlan("structured", "activation", ratios={n: 0.3 for n in names}, cap=1.0,
+                          recalibrate_bn=False)  # fmt: skip
+    out: dict = {"masked_accuracy": trained["val_masked_accuracy"], "runs": []}
+    results = {"uniform": prune(model, uniform, val, calibration=splits.calibration)}
+    kept = results["uniform"].params_after / results["uniform"].params_before
+    # sensitivity allocation removing the same share of the parameters
+    plan = allocate_transformer(model, kept, "sensitivity", scan)
+    results["sensitivity"] = prune(model, plan, val, calibration=splits.calibration)
+    for strategy, result in results.items():
+        pruned = result.model.module
+        layers = hf_arch.blocks(pruned.hf)
+        emb = embeddings(pruned, val)
+        row = {
+            "allocate": strategy,
+            "params_kept": result.params_after / result.params_before,
+            "heads": [pruned.hf.encoder.layer[b.index].attention.self.num_attention_heads
+                      for b in layers],
+            "mlp": [pruned.hf.encoder.layer[b.index].intermediate.dense.out_features
+                    for b in layers],
+            "cosine_before": result.quality_after.cosine,
+            "neighbours_before": neighbours_kept(base, emb),
+        }  # fmt: skip
+        if args.epochs:
+            started = time.monotonic()
+            tuned = finetune(result.model, model, splits, args.epochs).model
+            row["tuning_seconds"] = time.monotonic() - started
+            row["cosine_after"] = evaluate(tuned.module, val, reference=model.module).cosine
+            row["neighbours_after"] = neighbours_kept(base, embeddings(tuned.module, val))
+        out["runs"].append(row)
+        print(f"  {strategy:<11}: heads {row['heads']}, MLP {row['mlp']}; params kept "
+              f"{row['params_kept']:.3f}; cosine to the unpruned embedding "
+              f"{row['cosine_before']:.4f}, nearest neighbour kept {row['neighbours_before']:.3f}"
+              + (f"; after distillation ({args.epochs} epochs, {row['tuning_seconds']:.0f}s) "
+                 f"{row['cosine_after']:.4f}, {row['neighbours_after']:.3f}"
+                 if args.epochs else ""))  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -200,6 +267,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-encoder", action="store_true")
     parser.add_argument("--skip-lm", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true", help="LM quality figures only")
+    parser.add_argument(
+        "--encoder",
+        type=Path,
+        metavar="DIR",
+        help="the trained encoder folder (default: trained into the cache)",
+    )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     torch.manual_seed(0)
