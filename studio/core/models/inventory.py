@@ -81,13 +81,17 @@ def transformer_groups(module: nn.Module) -> list[graph.DependencyGroup]:
     for b in hf_arch.blocks(hf):
         groups.append(
             graph.DependencyGroup(
-                "hf." + b.attention, b.kv_heads, projections(b.attention, b.out_proj),
+                "hf." + b.attention,
+                b.kv_heads,
+                projections(b.attention, b.out_proj),
                 ("hf." + b.out_proj,),
             )  # fmt: skip
         )
         groups.append(
             graph.DependencyGroup(
-                "hf." + b.mlp, b.intermediate, projections(b.mlp, b.mlp_down),
+                "hf." + b.mlp,
+                b.intermediate,
+                projections(b.mlp, b.mlp_down),
                 ("hf." + b.mlp_down,),
             )  # fmt: skip
         )
