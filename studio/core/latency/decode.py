@@ -23,6 +23,7 @@ see the same machine load, and gives the speed-ups.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -278,15 +279,16 @@ class _Runner:
         """Prefill, then ``new_tokens`` greedy steps with the cache."""
         hf = self.hf
         assert hf is not None
+        name = cache_argument(hf)
         with torch.inference_mode():
             start = time.perf_counter()
             out = hf(input_ids=self.ids, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             prefilled = time.perf_counter()
-            cache = out.past_key_values
+            cache = getattr(out, name)
             for _ in range(self.new_tokens):
-                out = hf(input_ids=token, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = hf(input_ids=token, use_cache=True, **{name: cache})
+                cache = getattr(out, name)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
             done = time.perf_counter()
         return (prefilled - start) * 1e3, (done - prefilled) * 1e3 / self.new_tokens
@@ -341,3 +343,9 @@ def _check_counts(prompt_len: int, new_tokens: int, batch: int, threads: int, re
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise StudioError(f"the {name} must be a positive integer, not {value!r}")
+
+
+def cache_argument(hf: torch.nn.Module) -> str:
+    """What the model's forward calls its KV cache: ``cache`` since transformers 5.2x (where
+    ``past_key_values`` still works but warns that it will go), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
