@@ -238,15 +238,21 @@ def test_depth_pruning_removes_layers_and_updates_the_config(folders):
         assert result.module(model.example_input()).shape == (1, 128, hf_zoo.VOCAB)
 
 
-def test_mac_target_is_met_as_the_engine_counts_macs(folders):
+@pytest.mark.parametrize("strategy", ["uniform", "sensitivity"])
+def test_mac_target_is_met_as_the_engine_counts_macs(folders, corpus, strategy):
     from studio.core.plan.transformer import allocate_transformer
     from studio.core.prune.engine import prune
+    from studio.core.scan.heads import scan_heads
 
     model = load_model(str(folders["gpt2"]))
-    plan = allocate_transformer(model, 0.7, "uniform", kind="macs")
+    scan = None
+    if strategy == "sensitivity":
+        splits = load_text_data(corpus, model.tokenizer, 32)
+        scan = scan_heads(model, splits.calibration, sequences=4, use_cache=False)
+    plan = allocate_transformer(model, 0.7, strategy, scan, kind="macs")
     result = prune(model, plan)
     assert result.macs_after <= 0.7 * result.macs_before * 1.02
-    assert result.macs_after > 0.5 * result.macs_before  # not far below the target either
+    assert result.macs_after > 0.6 * result.macs_before  # not far below the target either
 
 
 def test_latency_target_parsing_and_search_steps():

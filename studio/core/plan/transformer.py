@@ -257,8 +257,8 @@ def _greedy(
                         best, best_cost = ("mlp", i), per
         if best is None:
             break
-        kind, i = best
-        if kind == "heads":
+        unit, i = best
+        if unit == "heads":
             groups_off[i] += 1
         else:
             slices_off[i] += 1
