@@ -183,6 +183,34 @@ def test_allocation_meets_the_parameter_target_and_the_engine_prunes_to_it(folde
         allocate_transformer(model, 0.05, "uniform", scan)
 
 
+def test_locked_layers_keep_their_ratios_and_count_towards_the_target(folders, corpus):
+    from studio.core.plan.plan import PruningPlan
+    from studio.core.plan.transformer import allocate_transformer, layer_units, params_removed
+    from studio.core.scan.heads import scan_heads
+
+    model = load_model(str(folders["llama"]))
+    splits = load_text_data(corpus, model.tokenizer, 32)
+    scan = scan_heads(model, splits.calibration, sequences=4, use_cache=False)
+    units = layer_units(model)
+    total = sum(p.numel() for p in model.module.parameters())
+    first, last = units[0], units[-1]
+    locks = {first.attention: 0.0, first.mlp: 0.5, last.attention: 0.5}
+    base = PruningPlan(
+        "structured", ratios=locks, locked=tuple(locks), criterion="activation", cap=1.0
+    )
+    for strategy in ("uniform", "sensitivity"):
+        plan = allocate_transformer(model, 0.8, strategy, scan, base=base)
+        assert {n: plan.ratios[n] for n in locks} == locks
+        assert plan.locked == tuple(locks)
+        kept = total - params_removed(units, plan.ratios)
+        assert 0.78 * total <= kept <= 0.8 * total * 1.02
+    everything = {k: 0.0 for u in units for k in (u.attention, u.mlp)}
+    with pytest.raises(StudioError, match="every layer is locked"):
+        allocate_transformer(
+            model, 0.8, "uniform", base=PruningPlan("structured", locked=tuple(everything))
+        )
+
+
 def test_heads_and_neurons_are_chosen_on_calibration_and_measured_on_validation(
     folders, corpus, monkeypatch
 ):

@@ -17,6 +17,7 @@ from studio.core.prune.engine import prune
 from studio.core.train.types import FinetuneSettings
 from studio.ui.dialogs.export_dialog import ExportDialog
 from studio.ui.panels.planner_hf import TransformerCost, base_plan
+from studio.ui.panels.planner_hf_table import DROP
 from studio.ui.panels.planner_panel import PlannerPanel
 from studio.ui.panels.training_panel import TrainingPanel
 from studio.ui.runner import JobRunner
@@ -123,6 +124,28 @@ def test_uniform_allocation_meets_the_parameter_target(qtbot, planner: PlannerPa
     assert latency.isEnabled() and latency.text() == "latency (measured)"
 
 
+def test_a_locked_layer_keeps_its_sliders_through_allocation(qtbot, planner: PlannerPanel) -> None:
+    cost, table, state = planner.state.cost, planner.hf_table, planner.state
+    first, second = (row.units for row in cost.rows)
+    table.mlps[first.mlp].setValue(table.mlps[first.mlp].value() - 4)  # 32 neurons off
+    mlp_ratio = state.plan.ratio(first.mlp)
+    assert mlp_ratio > 0
+    table.locks[cost.rows[0].name].setChecked(True)
+    assert {first.attention, first.mlp} <= set(state.plan.locked)
+    planner.strategy.setCurrentText("uniform")
+    planner.keep.setValue(75.0)
+    with qtbot.waitSignal(planner.runner.finished, timeout=JOB_MS):
+        planner.allocate_button.click()
+    plan = state.plan
+    assert plan.ratio(first.attention) == 0.0 and plan.ratio(first.mlp) == mlp_ratio
+    assert plan.ratio(second.attention) > 0 and plan.ratio(second.mlp) > 0
+    assert cost.predict(plan.active())[0] <= 0.75 * cost.params_before * 1.02
+    assert table.locks[cost.rows[0].name].isChecked()
+    planner.undo_button.click()  # the allocation
+    planner.undo_button.click()  # the lock, both units in one step
+    assert not state.plan.locked and not table.locks[cost.rows[0].name].isChecked()
+
+
 def test_latency_target_prunes_until_the_timed_candidate_meets_it(
     qtbot, planner: PlannerPanel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,7 +208,7 @@ def test_sensitivity_asks_for_the_scan_then_reads_it_from_the_cache(
     assert cost.predict(planner.state.plan.active())[0] <= 0.85 * cost.params_before
     assert planner.state.head_scan() is planner.session.head_scan
     qtbot.waitUntil(lambda: "Predicted perplexity" in planner.summary.text(), timeout=10_000)
-    drops = [planner.hf_table.item(r, 4).text() for r in range(planner.hf_table.rowCount())]
+    drops = [planner.hf_table.item(r, DROP).text() for r in range(planner.hf_table.rowCount())]
     assert any(d.endswith("ppl") for d in drops)
     planner.session.set_head_scan(None)  # the next allocation loads the cached scan unasked
     planner.clear_button.click()

@@ -153,7 +153,8 @@ def allocate_transformer(
     "macs": of its MACs per sequence).
 
     ``uniform``: one fraction for every layer (head groups rounded to whole groups);
-    ``sensitivity``: greedy on ``scan``'s measured drops."""
+    ``sensitivity``: greedy on ``scan``'s measured drops. Units that ``base`` locks keep its
+    ratios and count towards the target."""
     if not 0.0 < params_fraction < 1.0:
         raise StudioError(f"the parameter target must be between 0 and 1, not {params_fraction}")
     if not (heads or mlp):
@@ -164,14 +165,18 @@ def allocate_transformer(
     else:
         total = sum(p.numel() for p in model.module.parameters())
     need = total * (1.0 - params_fraction)
+    fixed = {n: base.ratio(n) for n in base.locked} if base is not None else {}
+    keys = [k for u in units for k, on in ((u.attention, heads), (u.mlp, mlp)) if on]
+    if keys and all(k in fixed for k in keys):
+        raise StudioError("every layer is locked: there is nothing to allocate")
     if strategy == "uniform":
-        ratios = _uniform(units, need, heads, mlp, kind)
+        ratios = _uniform(units, need, heads, mlp, kind, fixed)
     elif strategy == "sensitivity":
         if scan is None:
             raise StudioError("sensitivity allocation needs a transformer scan")
         if len(scan.layers) != len(units):
             raise StudioError("the scan was made for another model (its layers differ)")
-        ratios = _greedy(units, scan, need, heads, mlp, kind)
+        ratios = _greedy(units, scan, need, heads, mlp, kind, fixed)
     else:
         raise StudioError(f"unknown allocation {strategy!r}: choose uniform or sensitivity")
     removed = params_removed(units, ratios, kind)
@@ -180,7 +185,8 @@ def allocate_transformer(
         raise StudioError(
             f"cannot reach {params_fraction:.0%} of the {what} by pruning "
             f"{'heads and MLP neurons' if heads and mlp else 'heads' if heads else 'MLP neurons'}"
-            f": at most {(total - removed) / total:.0%} (embeddings and norms stay)"
+            f": at most {(total - removed) / total:.0%} (embeddings and norms stay"
+            f"{', locked layers keep their ratios' if fixed else ''})"
         )
     plan = base or PruningPlan(
         method="structured", criterion="activation", recalibrate_bn=False, cap=1.0
@@ -192,15 +198,20 @@ def allocate_transformer(
 
 
 def _uniform(
-    units: list[LayerUnits], need: float, heads: bool, mlp: bool, kind: str
+    units: list[LayerUnits],
+    need: float,
+    heads: bool,
+    mlp: bool,
+    kind: str,
+    fixed: dict[str, float],
 ) -> dict[str, float]:
     best: dict[str, float] = {}
     for f in np.linspace(0.0, MAX_MLP_RATIO, 141):
-        ratios = {}
+        ratios = dict(fixed)
         for u in units:
-            if heads:
+            if heads and u.attention not in fixed:
                 ratios[u.attention] = removed_groups(float(f), u.groups) / u.groups
-            if mlp:
+            if mlp and u.mlp not in fixed:
                 ratios[u.mlp] = removed_neurons(float(f), u.neurons) / u.neurons
         best = ratios
         if params_removed(units, ratios, kind) >= need:
@@ -209,7 +220,13 @@ def _uniform(
 
 
 def _greedy(
-    units: list[LayerUnits], scan: HeadScan, need: float, heads: bool, mlp: bool, kind: str
+    units: list[LayerUnits],
+    scan: HeadScan,
+    need: float,
+    heads: bool,
+    mlp: bool,
+    kind: str,
+    fixed: dict[str, float],
 ) -> dict[str, float]:
     def cost_of(u: LayerUnits) -> tuple[int, int]:
         return (
@@ -225,25 +242,29 @@ def _greedy(
         return float(np.interp(ratio, curve_x, ys))
 
     def ratios() -> dict[str, float]:
-        out = {}
+        out = dict(fixed)
         for i, u in enumerate(units):
-            if heads:
+            if heads and u.attention not in fixed:
                 out[u.attention] = groups_off[i] / u.groups
-            if mlp:
+            if mlp and u.mlp not in fixed:
                 out[u.mlp] = min(MAX_MLP_RATIO, slices_off[i] / MLP_SLICES)
         return out
 
-    removed = 0
+    removed = params_removed(units, ratios(), kind)
     while removed < need:
         best, best_cost = None, np.inf
         for i, u in enumerate(units):
-            if heads and groups_off[i] < u.groups - 1:
+            if heads and u.attention not in fixed and groups_off[i] < u.groups - 1:
                 g = scan.group_order(i)[groups_off[i]]
                 cost = max(float(np.nan_to_num(scan.head_drop[i, g], nan=np.inf)), 0.0)
                 per = (cost + 1e-9) / cost_of(u)[0]
                 if per < best_cost:
                     best, best_cost = ("heads", i), per
-            if mlp and (slices_off[i] + 1) / MLP_SLICES <= MAX_MLP_RATIO + 1e-9:
+            if (
+                mlp
+                and u.mlp not in fixed
+                and (slices_off[i] + 1) / MLP_SLICES <= MAX_MLP_RATIO + 1e-9
+            ):
                 before = removed_neurons(slices_off[i] / MLP_SLICES, u.neurons)
                 after = removed_neurons((slices_off[i] + 1) / MLP_SLICES, u.neurons)
                 if after > before:

@@ -112,7 +112,8 @@ class PlannerTransformer:
         scan = self.state.head_scan()
         if strategy == "sensitivity" and scan is None:
             return self._find_transformer_scan()
-        base = replace(self.state.plan, ratios={}, target={})
+        plan = self.state.plan  # locked layers keep their ratios
+        base = replace(plan, ratios={n: plan.ratio(n) for n in plan.locked}, target={})
         replica = self.session.model.replica()  # a MAC target traces it with hooks
 
         def work(progress: ProgressFn, cancel: CancelToken) -> PruningPlan:

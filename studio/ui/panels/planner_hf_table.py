@@ -1,6 +1,7 @@
 """The Planner's table for a transformer: one row per layer with a slider for the attention
 head groups it keeps (whole groups: a key/value head with its query heads) and one for the MLP
-neurons it keeps, the layer's parameters before -> after and the scan's predicted drop.
+neurons it keeps, a lock (Allocate leaves a locked layer as it is), the layer's parameters
+before -> after and the scan's predicted drop.
 
 The sliders edit the same :class:`PlannerState` as the CNN table (undo steps are whole
 gestures: a drag previews and commits once on release).
@@ -14,6 +15,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFontMetrics
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -28,8 +30,10 @@ from studio.ui.panels.planner_hf import LayerRow, TransformerCost, drop_text
 from studio.ui.panels.planner_state import PlannerState
 from studio.ui.panels.planner_table import BAR_ROLE, DropBarDelegate
 
-COLUMNS = ("Layer", "Attention heads kept", "MLP neurons kept", "Parameters", "Predicted drop")
-LAYER, HEADS, MLP, PARAMS, DROP = range(len(COLUMNS))
+COLUMNS = (
+    "Layer", "Attention heads kept", "MLP neurons kept", "Lock", "Parameters", "Predicted drop"
+)  # fmt: skip
+LAYER, HEADS, MLP, LOCK, PARAMS, DROP = range(len(COLUMNS))
 
 
 class KeptSlider(QWidget):
@@ -91,6 +95,7 @@ class TransformerTable(QTableWidget):
         self.state = state
         self.heads: dict[str, KeptSlider] = {}  # by the layer's attention key
         self.mlps: dict[str, KeptSlider] = {}  # by the layer's MLP key
+        self.locks: dict[str, QCheckBox] = {}  # by the layer's name
         self._pressed: dict[str, float] = {}
         self.setHorizontalHeaderLabels(list(COLUMNS))
         self.verticalHeader().setVisible(False)
@@ -101,7 +106,7 @@ class TransformerTable(QTableWidget):
         header.setSectionResizeMode(LAYER, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(HEADS, QHeaderView.ResizeMode.Stretch)
         header.setSectionResizeMode(MLP, QHeaderView.ResizeMode.Stretch)
-        for column in (PARAMS, DROP):
+        for column in (LOCK, PARAMS, DROP):
             header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
         header.setMinimumSectionSize(70)
         state.reset.connect(self.rebuild)
@@ -121,6 +126,7 @@ class TransformerTable(QTableWidget):
         self.setRowCount(0)
         self.heads.clear()
         self.mlps.clear()
+        self.locks.clear()
         cost = self.cost
         if cost is None:
             return
@@ -131,6 +137,7 @@ class TransformerTable(QTableWidget):
             self.setItem(i, LAYER, item)
             self.setCellWidget(i, HEADS, self._heads_slider(row))
             self.setCellWidget(i, MLP, self._mlp_slider(row))
+            self.setCellWidget(i, LOCK, self._lock(row))
             for column in (PARAMS, DROP):
                 cell = QTableWidgetItem()
                 cell.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
@@ -164,6 +171,21 @@ class TransformerTable(QTableWidget):
         self._connect(slider, u.mlp, lambda v: row.mlp_ratio(kept(v)))
         self.mlps[u.mlp] = slider
         return slider
+
+    def _lock(self, row: LayerRow) -> QCheckBox:
+        lock = QCheckBox()
+        lock.setToolTip(f"Allocate leaves {row.name}'s heads and MLP neurons as they are")
+        lock.toggled.connect(lambda on, r=row: self._set_locked(r, on))
+        self.locks[row.name] = lock
+        return lock
+
+    def _set_locked(self, row: LayerRow, locked: bool) -> None:
+        """Lock or free the layer's two units together, as one undo step."""
+        stack = self.state.undo_stack
+        stack.beginMacro(f"{'lock' if locked else 'unlock'} {row.name}")
+        for name in (row.units.attention, row.units.mlp):
+            self.state.set_locked(name, locked)
+        stack.endMacro()
 
     def _connect(self, slider: KeptSlider, name: str, ratio: Callable[[int], float]) -> None:
         s = slider.slider
@@ -210,6 +232,12 @@ class TransformerTable(QTableWidget):
                 heads.set_quietly(row.groups_kept(plan))
             if not mlp.isSliderDown():
                 mlp.set_quietly(-(-row.neurons_kept(plan) // row.neuron_step))
+            lock = self.locks[row.name]
+            locked = u.attention in plan.locked and u.mlp in plan.locked
+            if lock.isChecked() != locked:
+                lock.blockSignals(True)
+                lock.setChecked(locked)
+                lock.blockSignals(False)
             removed = (prediction.removed_params if prediction else {}).get
             after = row.params - removed(u.attention, 0) - removed(u.mlp, 0)
             self.item(i, PARAMS).setText(self._before_after(row.params, after))
