@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 from studio.ui import format as fmt
 from studio.ui.panels.planner_hf import LayerRow, TransformerCost, drop_text
 from studio.ui.panels.planner_state import PlannerState
-from studio.ui.panels.planner_table import BAR_ROLE, DropBarDelegate
+from studio.ui.panels.planner_table import BAR_ROLE, DropBarDelegate, show_lock
 
 COLUMNS = (
     "Layer", "Attention heads kept", "MLP neurons kept", "Lock", "Parameters", "Predicted drop"
@@ -232,12 +232,7 @@ class TransformerTable(QTableWidget):
                 heads.set_quietly(row.groups_kept(plan))
             if not mlp.isSliderDown():
                 mlp.set_quietly(-(-row.neurons_kept(plan) // row.neuron_step))
-            lock = self.locks[row.name]
-            locked = u.attention in plan.locked and u.mlp in plan.locked
-            if lock.isChecked() != locked:
-                lock.blockSignals(True)
-                lock.setChecked(locked)
-                lock.blockSignals(False)
+            show_lock(self.locks[row.name], u.attention in plan.locked and u.mlp in plan.locked)
             removed = (prediction.removed_params if prediction else {}).get
             after = row.params - removed(u.attention, 0) - removed(u.mlp, 0)
             self.item(i, PARAMS).setText(self._before_after(row.params, after))

@@ -146,11 +146,7 @@ class PlannerTable(QTableWidget):
                 slider.blockSignals(True)
                 slider.setValue(ratio)
                 slider.blockSignals(False)
-            locked = target.name in plan.locked
-            if self.locks[target.name].isChecked() != locked:
-                self.locks[target.name].blockSignals(True)
-                self.locks[target.name].setChecked(locked)
-                self.locks[target.name].blockSignals(False)
+            show_lock(self.locks[target.name], target.name in plan.locked)
             slider.setEnabled(target.name not in plan.ignored)
             self._costs(row, target, prediction)
             drop_item = self.item(row, DROP)
@@ -181,3 +177,11 @@ class PlannerTable(QTableWidget):
             f"{target.name}\nlayers: {layers}\n{target.size:,} units, "
             f"{target.params:,} parameters, {target.macs:,} MACs"
         )
+
+
+def show_lock(lock: QCheckBox, locked: bool) -> None:
+    """Tick or clear a lock box to match the plan, without the box telling the state back."""
+    if lock.isChecked() != locked:
+        lock.blockSignals(True)
+        lock.setChecked(locked)
+        lock.blockSignals(False)
